@@ -1,0 +1,196 @@
+"""Backend helpers shared by every module: masks, rotary positions, activations.
+
+Everything here is written with `keras.ops`, so it runs on TensorFlow, JAX and
+PyTorch. Attention masks are built in this module and nowhere else.
+"""
+import math
+
+import keras
+import numpy as np
+from keras import ops
+
+# Additive bias used where a boolean mask becomes a float bias. Large enough to
+# zero a softmax entry, small enough not to overflow float16/bfloat16.
+NEG_INF = -1e4 if keras.config.floatx() == "float16" else -1e9
+
+
+def backend_name():
+    return keras.backend.backend()
+
+
+def gelu_erf(x):
+    """GELU with the exact erf form (BERT, RoBERTa)."""
+    return keras.activations.gelu(x, approximate=False)
+
+
+def gelu_tanh(x):
+    """GELU with the tanh approximation (GPT-2's `gelu_new`)."""
+    return keras.activations.gelu(x, approximate=True)
+
+
+_ACTIVATIONS = {
+    "gelu": gelu_erf,
+    "gelu_erf": gelu_erf,
+    "gelu_new": gelu_tanh,
+    "gelu_tanh": gelu_tanh,
+    "gelu_fast": gelu_tanh,
+    "gelu_pytorch_tanh": gelu_tanh,
+    "relu": keras.activations.relu,
+    "swish": keras.activations.silu,
+    "silu": keras.activations.silu,
+    "tanh": keras.activations.tanh,
+    "linear": keras.activations.linear,
+    None: keras.activations.linear,
+}
+
+
+def get_activation(name):
+    """Activation by the names that BERT/HF configs use ('gelu' is the erf form)."""
+    if callable(name):
+        return name
+    if name in _ACTIVATIONS:
+        return _ACTIVATIONS[name]
+    return keras.activations.get(name)
+
+
+def activation_name(activation):
+    """Inverse of `get_activation` for `get_config`."""
+    if isinstance(activation, str) or activation is None:
+        return activation
+    for key, value in _ACTIVATIONS.items():
+        if value is activation and key is not None:
+            return key
+    return keras.activations.serialize(activation)
+
+
+# ---------------------------------------------------------------------------
+# Masks. Convention: a boolean tensor of shape (batch, 1, q_len, k_len) where
+# True means "may attend". Broadcasting over heads is left to the attention.
+# ---------------------------------------------------------------------------
+
+
+def padding_mask(token_ids, pad_id=0):
+    """(batch, 1, 1, k_len) boolean: True on real tokens, False on padding."""
+    mask = ops.not_equal(token_ids, pad_id)
+    return mask[:, None, None, :]
+
+
+def causal_mask(q_len, k_len=None, offset=0):
+    """(1, 1, q_len, k_len) boolean lower-triangular mask.
+
+    Query i (at absolute position i + offset) sees keys 0..i + offset, which is
+    what cached decoding needs when the queries are the last q_len positions.
+    """
+    k_len = q_len if k_len is None else k_len
+    q_idx = ops.arange(q_len)[:, None] + offset
+    k_idx = ops.arange(k_len)[None, :]
+    return ops.greater_equal(q_idx, k_idx)[None, None]
+
+
+def unilm_mask(segment_ids):
+    """(batch, 1, len, len) boolean UniLM seq2seq mask from segment ids.
+
+    Segment 0 (the source) is attended bidirectionally; a segment-1 token (the
+    target) sees the whole source and the target up to itself. Position j is
+    visible from i when cumsum(segment_ids)[j] <= cumsum(segment_ids)[i].
+    """
+    idx = ops.cumsum(ops.cast(segment_ids, "int32"), axis=1)
+    mask = ops.less_equal(idx[:, None, :], idx[:, :, None])
+    return mask[:, None]
+
+
+def attention_mask(token_ids, segment_ids=None, application="encoder", pad_id=0):
+    """The attention mask of an encoder, a left-to-right LM or a UniLM model.
+
+    The three applications differ only here: padding is always masked; 'lm'
+    adds the causal mask; 'unilm' adds the segment-id mask.
+    """
+    mask = padding_mask(token_ids, pad_id)
+    if application == "encoder":
+        return mask
+    if application == "lm":
+        length = ops.shape(token_ids)[1]
+        return ops.logical_and(mask, causal_mask(length))
+    if application == "unilm":
+        if segment_ids is None:
+            raise ValueError("application='unilm' needs segment ids.")
+        return ops.logical_and(mask, unilm_mask(segment_ids))
+    raise ValueError(
+        f"Unknown application {application!r}; valid: 'encoder', 'lm', 'unilm'."
+    )
+
+
+def mask_to_bias(mask, dtype="float32"):
+    """Boolean mask -> additive bias (0 where allowed, NEG_INF where not)."""
+    return ops.where(mask, ops.zeros((), dtype), ops.full((), NEG_INF, dtype))
+
+
+# ---------------------------------------------------------------------------
+# Positions
+# ---------------------------------------------------------------------------
+
+
+def sinusoidal_embeddings(positions, dim, base=10000.0, interleave=False):
+    """Sinusoidal embeddings of (float or int) `positions`, last axis `dim`.
+
+    Frequencies are base^(-2i/dim). With interleave=False the result is
+    [sin..., cos...]; with interleave=True it is [sin0, cos0, sin1, cos1, ...].
+    """
+    positions = ops.cast(positions, "float32")
+    freqs = ops.power(base, -ops.arange(0, dim // 2, dtype="float32") * 2.0 / dim)
+    angles = ops.einsum("...n,d->...nd", positions, freqs)
+    sin, cos = ops.sin(angles), ops.cos(angles)
+    if interleave:
+        stacked = ops.stack([sin, cos], axis=-1)
+        return ops.reshape(stacked, ops.concatenate([ops.shape(sin)[:-1], [dim]], 0))
+    return ops.concatenate([sin, cos], axis=-1)
+
+
+def apply_rotary(x, positions, base=10000.0):
+    """Rotary position embedding with adjacent-pair rotation (RoFormer).
+
+    x: (..., seq, dim) with `positions` broadcastable to (..., seq). Each pair
+    (x[2i], x[2i+1]) is rotated by angle position * base^(-2i/dim).
+    """
+    dim = x.shape[-1]
+    freqs = ops.power(base, -ops.arange(0, dim // 2, dtype="float32") * 2.0 / dim)
+    angles = ops.cast(positions, "float32")[..., None] * freqs  # (..., seq, dim/2)
+    cos = ops.repeat(ops.cos(angles), 2, axis=-1)
+    sin = ops.repeat(ops.sin(angles), 2, axis=-1)
+    cos = ops.cast(cos, x.dtype)
+    sin = ops.cast(sin, x.dtype)
+    x_pairs = ops.reshape(x, ops.concatenate([ops.shape(x)[:-1], [dim // 2, 2]], 0))
+    rotated = ops.stack([-x_pairs[..., 1], x_pairs[..., 0]], axis=-1)
+    rotated = ops.reshape(rotated, ops.shape(x))
+    return x * cos + rotated * sin
+
+
+def t5_relative_position_buckets(
+    relative_position, bidirectional=True, num_buckets=32, max_distance=128
+):
+    """T5's log-spaced relative position buckets (key position - query position)."""
+    relative_position = ops.cast(relative_position, "int32")
+    buckets = ops.zeros_like(relative_position)
+    n = -relative_position
+    if bidirectional:
+        num_buckets //= 2
+        buckets = buckets + ops.cast(ops.less(n, 0), "int32") * num_buckets
+        n = ops.abs(n)
+    else:
+        n = ops.maximum(n, 0)
+    max_exact = num_buckets // 2
+    is_small = ops.less(n, max_exact)
+    n_float = ops.maximum(ops.cast(n, "float32"), 1.0)
+    large = max_exact + ops.cast(
+        ops.log(n_float / max_exact)
+        / math.log(max_distance / max_exact)
+        * (num_buckets - max_exact),
+        "int32",
+    )
+    large = ops.minimum(large, num_buckets - 1)
+    return buckets + ops.where(is_small, n, large)
+
+
+def sequence_lengths_to_numpy(token_ids, pad_id=0):
+    """Number of non-padding tokens per row, as numpy (host-side helper)."""
+    return np.sum(np.asarray(token_ids) != pad_id, axis=1)

@@ -1,0 +1,605 @@
+"""The layers transformer models are made of, in `keras.ops`.
+
+Every layer serializes through `get_config` and is registered under the
+`bert4keras` package, so `keras.models.load_model` needs only
+`import bert4keras`.
+"""
+import keras
+from keras import ops
+
+from bert4keras import backend
+
+register = keras.saving.register_keras_serializable(package="bert4keras")
+
+
+@register
+class Embedding(keras.layers.Layer):
+    """Token embedding whose table doubles as the tied output projection.
+
+    `mode='embedding'` looks ids up; `mode='dense'` multiplies hidden states by
+    the transposed table, which is how the MLM / LM head reuses it.
+
+    >>> emb = Embedding(100, 8)
+    >>> h = emb(ops.array([[1, 2, 3]]))           # (1, 3, 8)
+    >>> logits = emb(h, mode="dense")              # (1, 3, 100)
+    """
+
+    def __init__(self, input_dim, output_dim, embeddings_initializer="uniform", **kwargs):
+        super().__init__(**kwargs)
+        self.input_dim = input_dim
+        self.output_dim = output_dim
+        self.embeddings_initializer = keras.initializers.get(embeddings_initializer)
+
+    def build(self, input_shape=None):
+        self.embeddings = self.add_weight(
+            shape=(self.input_dim, self.output_dim),
+            initializer=self.embeddings_initializer,
+            name="embeddings",
+        )
+
+    def call(self, inputs, mode="embedding"):
+        if mode == "embedding":
+            if "int" not in str(inputs.dtype):
+                inputs = ops.cast(inputs, "int32")
+            return ops.take(self.embeddings, inputs, axis=0)
+        if mode == "dense":
+            kernel = ops.cast(self.embeddings, self.compute_dtype)
+            return ops.matmul(inputs, ops.transpose(kernel))
+        raise ValueError(f"Unknown mode {mode!r}; valid: 'embedding', 'dense'.")
+
+    def compute_output_spec(self, inputs, mode="embedding"):
+        if mode == "dense":
+            shape = tuple(inputs.shape[:-1]) + (self.input_dim,)
+        else:
+            shape = tuple(inputs.shape) + (self.output_dim,)
+        return keras.KerasTensor(shape, dtype=self.compute_dtype)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            input_dim=self.input_dim,
+            output_dim=self.output_dim,
+            embeddings_initializer=keras.initializers.serialize(self.embeddings_initializer),
+        )
+        return config
+
+
+def _check_positions_fit(seq_len, max_positions, what):
+    """Raise a clear error when a sequence is longer than a position table."""
+    message = (
+        f"{what}: the sequence has more positions than the model's "
+        f"max_position ({max_positions}). Truncate the input (for example "
+        f"tokenizer.encode(text, maxlen={max_positions})) or build the model "
+        "with hierarchical_position=True."
+    )
+    if isinstance(seq_len, int):
+        if seq_len > max_positions:
+            raise ValueError(message + f" Got length {seq_len}.")
+        return None
+    if backend.backend_name() == "tensorflow":
+        import tensorflow as tf
+
+        return tf.debugging.assert_less_equal(seq_len, max_positions, message=message)
+    return None
+
+
+@register
+class PositionEmbedding(keras.layers.Layer):
+    """Learned absolute position embedding.
+
+    merge_mode: 'add' (x + P), 'mul' (x * (P + 1)), 'zero' (P alone, broadcast
+    over the batch) or 'concat'. `hierarchical` (True or a float alpha) extends
+    a table of n positions to n*n positions by decomposing position i into
+    (i // n, i % n); `custom_position_ids=True` takes [x, position_ids].
+
+    >>> pe = PositionEmbedding(512, 8)
+    >>> pe(ops.zeros((2, 10, 8))).shape
+    (2, 10, 8)
+    """
+
+    def __init__(
+        self,
+        input_dim,
+        output_dim,
+        merge_mode="add",
+        hierarchical=None,
+        embeddings_initializer="zeros",
+        custom_position_ids=False,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if merge_mode not in ("add", "mul", "zero", "concat"):
+            raise ValueError(
+                f"Unknown merge_mode {merge_mode!r}; valid: 'add', 'mul', 'zero', 'concat'."
+            )
+        self.input_dim = input_dim
+        self.output_dim = output_dim
+        self.merge_mode = merge_mode
+        self.hierarchical = hierarchical
+        self.embeddings_initializer = keras.initializers.get(embeddings_initializer)
+        self.custom_position_ids = custom_position_ids
+
+    def build(self, input_shape=None):
+        self.embeddings = self.add_weight(
+            shape=(self.input_dim, self.output_dim),
+            initializer=self.embeddings_initializer,
+            name="embeddings",
+        )
+
+    def call(self, inputs):
+        if self.custom_position_ids:
+            inputs, position_ids = inputs
+            position_ids = ops.cast(position_ids, "int32")
+        else:
+            seq_len = inputs.shape[1]
+            if seq_len is None:
+                seq_len = ops.shape(inputs)[1]
+            if not self.hierarchical:
+                _check_positions_fit(seq_len, self.input_dim, self.name)
+            position_ids = ops.arange(seq_len, dtype="int32")[None]
+        table = ops.cast(self.embeddings, self.compute_dtype)
+        if self.hierarchical:
+            alpha = 0.4 if self.hierarchical is True else self.hierarchical
+            table = (table - alpha * table[:1]) / (1 - alpha)
+            high = ops.take(table, position_ids // self.input_dim, axis=0)
+            low = ops.take(table, position_ids % self.input_dim, axis=0)
+            embeddings = alpha * high + (1 - alpha) * low
+        else:
+            embeddings = ops.take(table, position_ids, axis=0)
+        if self.merge_mode == "add":
+            return inputs + embeddings
+        if self.merge_mode == "mul":
+            return inputs * (embeddings + 1.0)
+        if self.merge_mode == "zero":
+            return ops.broadcast_to(embeddings, ops.shape(inputs)[:2] + (self.output_dim,))
+        embeddings = ops.broadcast_to(embeddings, ops.shape(inputs)[:2] + (self.output_dim,))
+        return ops.concatenate([inputs, embeddings], axis=-1)
+
+    def compute_output_shape(self, input_shape):
+        if self.custom_position_ids:
+            input_shape = input_shape[0]
+        if self.merge_mode == "concat":
+            return tuple(input_shape[:2]) + (input_shape[2] + self.output_dim,)
+        if self.merge_mode == "zero":
+            return tuple(input_shape[:2]) + (self.output_dim,)
+        return tuple(input_shape)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            input_dim=self.input_dim,
+            output_dim=self.output_dim,
+            merge_mode=self.merge_mode,
+            hierarchical=self.hierarchical,
+            embeddings_initializer=keras.initializers.serialize(self.embeddings_initializer),
+            custom_position_ids=self.custom_position_ids,
+        )
+        return config
+
+
+@register
+class LayerNormalization(keras.layers.Layer):
+    """Layer normalization, optionally conditional, optionally RMS-style.
+
+    center=False drops the mean subtraction and the offset (the RMS norm of
+    T5 and RoFormer-v2); scale=False drops the gain as well. With
+    conditional=True the layer takes [x, condition] and adds a learned
+    (zero-initialised) projection of the condition to gain and offset.
+    Statistics are computed in float32 whatever the compute dtype.
+
+    >>> ln = LayerNormalization()
+    >>> ln(ops.ones((2, 3, 4))).shape
+    (2, 3, 4)
+    """
+
+    def __init__(
+        self,
+        center=True,
+        scale=True,
+        epsilon=None,
+        conditional=False,
+        hidden_units=None,
+        hidden_activation="linear",
+        hidden_initializer="glorot_uniform",
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.center = center
+        self.scale = scale
+        self.epsilon = epsilon or 1e-12
+        self.conditional = conditional
+        self.hidden_units = hidden_units
+        self.hidden_activation = hidden_activation
+        self.hidden_initializer = keras.initializers.get(hidden_initializer)
+
+    def build(self, input_shape):
+        if self.conditional:
+            input_shape, condition_shape = input_shape
+        dim = input_shape[-1]
+        if self.center:
+            self.beta = self.add_weight(shape=(dim,), initializer="zeros", name="beta")
+        if self.scale:
+            self.gamma = self.add_weight(shape=(dim,), initializer="ones", name="gamma")
+        if self.conditional:
+            if self.hidden_units is not None:
+                self.hidden_dense = keras.layers.Dense(
+                    self.hidden_units,
+                    activation=backend.get_activation(self.hidden_activation),
+                    use_bias=False,
+                    kernel_initializer=self.hidden_initializer,
+                    name="hidden_dense",
+                )
+                self.hidden_dense.build(condition_shape)
+                condition_shape = tuple(condition_shape[:-1]) + (self.hidden_units,)
+            if self.center:
+                self.beta_dense = keras.layers.Dense(
+                    dim, use_bias=False, kernel_initializer="zeros", name="beta_dense"
+                )
+                self.beta_dense.build(condition_shape)
+            if self.scale:
+                self.gamma_dense = keras.layers.Dense(
+                    dim, use_bias=False, kernel_initializer="zeros", name="gamma_dense"
+                )
+                self.gamma_dense.build(condition_shape)
+
+    def call(self, inputs):
+        if self.conditional:
+            inputs, condition = inputs
+            if self.hidden_units is not None:
+                condition = self.hidden_dense(condition)
+            # Broadcast a (batch, dim) condition over the sequence axis.
+            for _ in range(len(inputs.shape) - len(condition.shape)):
+                condition = ops.expand_dims(condition, 1)
+        dtype = inputs.dtype
+        x = ops.cast(inputs, "float32")
+        if self.center:
+            x = x - ops.mean(x, axis=-1, keepdims=True)
+        variance = ops.mean(ops.square(x), axis=-1, keepdims=True)
+        x = x * ops.rsqrt(variance + self.epsilon)
+        if self.scale:
+            gamma = ops.cast(self.gamma, "float32")
+            if self.conditional:
+                gamma = gamma + ops.cast(self.gamma_dense(condition), "float32")
+            x = x * gamma
+        if self.center:
+            beta = ops.cast(self.beta, "float32")
+            if self.conditional:
+                beta = beta + ops.cast(self.beta_dense(condition), "float32")
+            x = x + beta
+        return ops.cast(x, dtype)
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape[0] if self.conditional else input_shape)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            center=self.center,
+            scale=self.scale,
+            epsilon=self.epsilon,
+            conditional=self.conditional,
+            hidden_units=self.hidden_units,
+            hidden_activation=self.hidden_activation,
+            hidden_initializer=keras.initializers.serialize(self.hidden_initializer),
+        )
+        return config
+
+
+@register
+class MultiHeadAttention(keras.layers.Layer):
+    """Multi-head attention with an optional mask/bias and key/value cache.
+
+    Inputs are `[q, k, v]`. Keyword inputs:
+      attention_mask: boolean (True = may attend) or an additive float bias,
+        broadcastable to (batch, heads, q_len, k_len). Masks come from
+        `bert4keras.backend.attention_mask`.
+      cache / cache_index: for incremental decoding, a (batch, 2, k_max, heads,
+        key_size) tensor of past keys and values, and the position where the
+        current keys go. The layer then returns (output, updated_cache).
+
+    key_size (per-head size of q and k) may differ from head_size (per-head
+    size of v). position_encoding='rotary' rotates q and k by their absolute
+    positions (adjacent pairs, as RoFormer). The fused
+    `keras.ops.dot_product_attention` is used unless scores are returned or
+    attention dropout is active.
+
+    >>> mha = MultiHeadAttention(heads=2, head_size=4)
+    >>> x = ops.ones((1, 3, 8))
+    >>> mha([x, x, x]).shape
+    (1, 3, 8)
+    """
+
+    def __init__(
+        self,
+        heads,
+        head_size,
+        out_dim=None,
+        key_size=None,
+        use_bias=True,
+        attention_scale=True,
+        attention_dropout=0.0,
+        return_attention_scores=False,
+        position_encoding=None,
+        kernel_initializer="glorot_uniform",
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if position_encoding not in (None, "rotary"):
+            raise ValueError(
+                f"Unknown position_encoding {position_encoding!r}; valid: None, 'rotary'."
+            )
+        self.heads = heads
+        self.head_size = head_size
+        self.out_dim = out_dim
+        self.key_size = key_size or head_size
+        self.use_bias = use_bias
+        self.attention_scale = attention_scale
+        self.attention_dropout = attention_dropout
+        self.return_attention_scores = return_attention_scores
+        self.position_encoding = position_encoding
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+
+    def _dense(self, units, name):
+        return keras.layers.Dense(
+            units,
+            use_bias=self.use_bias,
+            kernel_initializer=self.kernel_initializer,
+            name=name,
+        )
+
+    def build(self, input_shape):
+        q_shape, k_shape, v_shape = input_shape[:3]
+        out_dim = self.out_dim or q_shape[-1]
+        self.q_dense = self._dense(self.heads * self.key_size, "q_dense")
+        self.k_dense = self._dense(self.heads * self.key_size, "k_dense")
+        self.v_dense = self._dense(self.heads * self.head_size, "v_dense")
+        self.o_dense = self._dense(out_dim, "o_dense")
+        self.q_dense.build(q_shape)
+        self.k_dense.build(k_shape)
+        self.v_dense.build(v_shape)
+        self.o_dense.build(tuple(q_shape[:-1]) + (self.heads * self.head_size,))
+        self.dropout = keras.layers.Dropout(self.attention_dropout)
+
+    def _split_heads(self, x, size):
+        return ops.reshape(x, ops.shape(x)[:2] + (self.heads, size))
+
+    def call(
+        self,
+        inputs,
+        attention_mask=None,
+        cache=None,
+        cache_index=None,
+        training=None,
+    ):
+        q, k, v = inputs[:3]
+        qw = self._split_heads(self.q_dense(q), self.key_size)
+        kw = self._split_heads(self.k_dense(k), self.key_size)
+        vw = self._split_heads(self.v_dense(v), self.head_size)
+        offset = 0 if cache_index is None else cache_index
+        if self.position_encoding == "rotary":
+            # (batch, seq, heads, dim): rotate along seq, broadcast over heads.
+            q_pos = ops.arange(ops.shape(qw)[1]) + offset
+            k_pos = ops.arange(ops.shape(kw)[1]) + offset
+            qw = ops.transpose(
+                backend.apply_rotary(ops.transpose(qw, (0, 2, 1, 3)), q_pos), (0, 2, 1, 3)
+            )
+            kw = ops.transpose(
+                backend.apply_rotary(ops.transpose(kw, (0, 2, 1, 3)), k_pos), (0, 2, 1, 3)
+            )
+        if cache is not None:
+            if self.key_size != self.head_size:
+                raise ValueError("A key/value cache needs key_size == head_size.")
+            start = [0, 0, cache_index, 0, 0]
+            cache = ops.slice_update(cache, start, ops.stack([kw, vw], axis=1))
+            kw, vw = cache[:, 0], cache[:, 1]
+        outputs, scores = self._attend(qw, kw, vw, attention_mask, training)
+        outputs = ops.reshape(outputs, ops.shape(outputs)[:2] + (self.heads * self.head_size,))
+        outputs = self.o_dense(outputs)
+        result = [outputs]
+        if self.return_attention_scores:
+            result.append(scores)
+        if cache is not None:
+            result.append(cache)
+        return result[0] if len(result) == 1 else tuple(result)
+
+    def _attend(self, qw, kw, vw, attention_mask, training):
+        scale = self.key_size**-0.5 if self.attention_scale else 1.0
+        is_bool = attention_mask is not None and "bool" in str(attention_mask.dtype)
+        dropout_active = self.attention_dropout > 0 and training
+        fused = (
+            not self.return_attention_scores
+            and not dropout_active
+            and self.key_size == self.head_size
+        )
+        if fused:
+            outputs = ops.dot_product_attention(
+                qw,
+                kw,
+                vw,
+                bias=None if is_bool or attention_mask is None else ops.cast(attention_mask, qw.dtype),
+                mask=attention_mask if is_bool else None,
+                scale=scale,
+            )
+            return outputs, None
+        scores = ops.einsum("bqhd,bkhd->bhqk", qw, kw) * ops.cast(scale, qw.dtype)
+        if attention_mask is not None:
+            if is_bool:
+                scores = ops.where(attention_mask, scores, ops.cast(backend.NEG_INF, scores.dtype))
+            else:
+                scores = scores + ops.cast(attention_mask, scores.dtype)
+        probs = ops.cast(ops.softmax(ops.cast(scores, "float32"), axis=-1), qw.dtype)
+        probs = self.dropout(probs, training=training)
+        outputs = ops.einsum("bhqk,bkhd->bqhd", probs, vw)
+        return outputs, scores
+
+    def compute_output_spec(self, inputs, attention_mask=None, cache=None, cache_index=None, training=None):
+        q = inputs[0]
+        out_dim = self.out_dim or q.shape[-1]
+        result = [keras.KerasTensor(tuple(q.shape[:-1]) + (out_dim,), dtype=self.compute_dtype)]
+        if self.return_attention_scores:
+            k = inputs[1]
+            result.append(
+                keras.KerasTensor((q.shape[0], self.heads, q.shape[1], k.shape[1]), dtype=self.compute_dtype)
+            )
+        if cache is not None:
+            result.append(keras.KerasTensor(cache.shape, dtype=cache.dtype))
+        return result[0] if len(result) == 1 else tuple(result)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            heads=self.heads,
+            head_size=self.head_size,
+            out_dim=self.out_dim,
+            key_size=self.key_size,
+            use_bias=self.use_bias,
+            attention_scale=self.attention_scale,
+            attention_dropout=self.attention_dropout,
+            return_attention_scores=self.return_attention_scores,
+            position_encoding=self.position_encoding,
+            kernel_initializer=keras.initializers.serialize(self.kernel_initializer),
+        )
+        return config
+
+
+@register
+class FeedForward(keras.layers.Layer):
+    """Position-wise feed-forward block: Dense(units) -> activation -> Dense(dim).
+
+    A list of two activations makes it gated (T5.1.1): act0(x W0) * act1(x W1).
+
+    >>> ff = FeedForward(16, activation="gelu")
+    >>> ff(ops.ones((2, 3, 8))).shape
+    (2, 3, 8)
+    """
+
+    def __init__(self, units, activation="relu", use_bias=True, kernel_initializer="glorot_uniform", **kwargs):
+        super().__init__(**kwargs)
+        self.units = units
+        self.activation = activation if isinstance(activation, (list, tuple)) else [activation]
+        self.activation = [backend.activation_name(a) for a in self.activation]
+        self.use_bias = use_bias
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+
+    def build(self, input_shape):
+        self.input_denses = []
+        for i, activation in enumerate(self.activation):
+            dense = keras.layers.Dense(
+                self.units,
+                activation=backend.get_activation(activation),
+                use_bias=self.use_bias,
+                kernel_initializer=self.kernel_initializer,
+                name=f"i{i}_dense",
+            )
+            dense.build(input_shape)
+            self.input_denses.append(dense)
+        self.o_dense = keras.layers.Dense(
+            input_shape[-1],
+            use_bias=self.use_bias,
+            kernel_initializer=self.kernel_initializer,
+            name="o_dense",
+        )
+        self.o_dense.build(tuple(input_shape[:-1]) + (self.units,))
+
+    def call(self, inputs):
+        x = self.input_denses[0](inputs)
+        for dense in self.input_denses[1:]:
+            x = x * dense(inputs)
+        return self.o_dense(x)
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape)
+
+    def get_config(self):
+        config = super().get_config()
+        activation = self.activation if len(self.activation) > 1 else self.activation[0]
+        config.update(
+            units=self.units,
+            activation=activation,
+            use_bias=self.use_bias,
+            kernel_initializer=keras.initializers.serialize(self.kernel_initializer),
+        )
+        return config
+
+
+@register
+class BiasAdd(keras.layers.Layer):
+    """Adds a learned bias vector (the MLM output bias)."""
+
+    def build(self, input_shape):
+        self.bias = self.add_weight(shape=(input_shape[-1],), initializer="zeros", name="bias")
+
+    def call(self, inputs):
+        return inputs + ops.cast(self.bias, inputs.dtype)
+
+
+@register
+class TakeToken(keras.layers.Layer):
+    """Hidden state of one position (by default the first, [CLS])."""
+
+    def __init__(self, index=0, **kwargs):
+        super().__init__(**kwargs)
+        self.index = index
+
+    def call(self, inputs):
+        return inputs[:, self.index]
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0],) + tuple(input_shape[2:])
+
+    def get_config(self):
+        return {**super().get_config(), "index": self.index}
+
+
+@register
+class AttentionMask(keras.layers.Layer):
+    """Builds the attention mask of an application from token/segment ids.
+
+    One encoder becomes a left-to-right LM or a UniLM seq2seq model by
+    changing only this layer's `application`; the masks themselves live in
+    `bert4keras.backend`.
+    """
+
+    def __init__(self, application="encoder", pad_id=0, **kwargs):
+        super().__init__(**kwargs)
+        self.application = application
+        self.pad_id = pad_id
+
+    def call(self, token_ids, segment_ids=None):
+        return backend.attention_mask(token_ids, segment_ids, self.application, self.pad_id)
+
+    def compute_output_spec(self, token_ids, segment_ids=None):
+        k = token_ids.shape[1]
+        q = 1 if self.application == "encoder" else k
+        return keras.KerasTensor((token_ids.shape[0], 1, q, k), dtype="bool")
+
+    def get_config(self):
+        return {**super().get_config(), "application": self.application, "pad_id": self.pad_id}
+
+
+@register
+class Loss(keras.layers.Layer):
+    """A layer that adds a loss computed from its inputs (bert4keras style).
+
+    Subclass it and implement `compute_loss(inputs)`; the layer returns
+    `inputs[output_axis]` (all inputs when output_axis is None) and registers
+    the loss with `add_loss`, so `model.compile(optimizer)` needs no `loss=`.
+    """
+
+    def __init__(self, output_axis=None, **kwargs):
+        super().__init__(**kwargs)
+        self.output_axis = output_axis
+
+    def call(self, inputs):
+        self.add_loss(self.compute_loss(inputs))
+        if self.output_axis is None:
+            return inputs
+        if isinstance(self.output_axis, (list, tuple)):
+            return [inputs[i] for i in self.output_axis]
+        return inputs[self.output_axis]
+
+    def compute_loss(self, inputs):
+        raise NotImplementedError("Subclasses of Loss implement compute_loss(inputs).")
+
+    def get_config(self):
+        return {**super().get_config(), "output_axis": self.output_axis}

@@ -1,0 +1,264 @@
+"""The `Transformer` base class: embeddings -> N blocks -> heads.
+
+A model family subclasses it and writes `apply_embeddings`,
+`apply_main_layers`, `apply_final_layers` and `variable_mapping`. Layers are
+created by name through `apply()`, so every weight has a readable path such as
+`Transformer-3-FeedForward/o_dense/kernel`, and the mapping to checkpoint
+variables is a plain dictionary.
+"""
+import json
+import os
+
+import keras
+import numpy as np
+
+from bert4keras import checkpoints
+from bert4keras.layers import AttentionMask
+
+APPLICATIONS = ("encoder", "lm", "unilm")
+
+
+class Transformer:
+    """Base class of all models. Build with `build()`, then `.model` is a keras.Model."""
+
+    #: Applications the family supports; 'lm' and 'unilm' change only the mask.
+    applications = APPLICATIONS
+    #: Prefix of checkpoint names (Google layout), e.g. 'bert'.
+    prefix = "bert"
+
+    def __init__(
+        self,
+        vocab_size,
+        hidden_size,
+        num_hidden_layers,
+        num_attention_heads,
+        intermediate_size,
+        hidden_act="gelu",
+        dropout_rate=0.0,
+        attention_dropout_rate=0.0,
+        embedding_size=None,
+        attention_head_size=None,
+        attention_key_size=None,
+        max_position=512,
+        sequence_length=None,
+        keep_tokens=None,
+        compound_tokens=None,
+        application="encoder",
+        layer_norm_eps=1e-12,
+        initializer_range=0.02,
+        ignore_invalid_weights=False,
+        recompute=None,
+        name=None,
+    ):
+        if application not in self.applications:
+            raise ValueError(
+                f"application={application!r} is not supported by {type(self).__name__}; "
+                f"valid: {', '.join(repr(a) for a in self.applications)}."
+            )
+        if keep_tokens is not None:
+            vocab_size = len(keep_tokens)
+        if compound_tokens is not None:
+            vocab_size += len(compound_tokens)
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.attention_head_size = attention_head_size or hidden_size // num_attention_heads
+        self.attention_key_size = attention_key_size or self.attention_head_size
+        self.intermediate_size = intermediate_size
+        self.hidden_act = hidden_act
+        self.dropout_rate = dropout_rate or 0.0
+        self.attention_dropout_rate = attention_dropout_rate or 0.0
+        self.embedding_size = embedding_size or hidden_size
+        self.max_position = max_position
+        self.sequence_length = sequence_length
+        self.keep_tokens = keep_tokens
+        self.compound_tokens = compound_tokens
+        self.application = application
+        self.layer_norm_eps = layer_norm_eps
+        self.initializer_range = initializer_range
+        self.ignore_invalid_weights = ignore_invalid_weights
+        if recompute is None:
+            recompute = os.environ.get("RECOMPUTE", "0") not in ("", "0", "false", "False")
+        self.recompute = recompute
+        self.name = name
+        self.layers = {}
+        self.model = None
+
+    # -- construction -----------------------------------------------------
+
+    def initializer(self):
+        return keras.initializers.TruncatedNormal(stddev=self.initializer_range)
+
+    def apply(self, inputs=None, layer=None, arguments=None, **kwargs):
+        """Calls the layer named kwargs['name'], creating it on first use.
+
+        Reusing a name reuses the layer (and its weights), which is how the
+        MLM head shares the token embedding and ALBERT shares its block.
+        """
+        name = kwargs.get("name")
+        if name not in self.layers:
+            self.layers[name] = layer(**kwargs)
+        if inputs is None:
+            return self.layers[name]
+        return self.layers[name](inputs, **(arguments or {}))
+
+    def get_inputs(self):
+        raise NotImplementedError
+
+    def apply_embeddings(self, inputs):
+        raise NotImplementedError
+
+    def apply_main_layers(self, x, index):
+        raise NotImplementedError
+
+    def apply_final_layers(self, x):
+        return x
+
+    def compute_attention_mask(self, inputs):
+        """The mask of `self.application`, computed once and shared by all blocks."""
+        token_ids = inputs[0]
+        segment_ids = inputs[1] if len(inputs) > 1 else None
+        if self.application == "unilm" and segment_ids is None:
+            raise ValueError("application='unilm' needs segment ids (segment_vocab_size > 0).")
+        return self.apply(
+            token_ids,
+            AttentionMask,
+            arguments={"segment_ids": segment_ids} if self.application == "unilm" else None,
+            application=self.application,
+            name="Attention-Mask",
+        )
+
+    def build(self):
+        """Builds `self.model` (a functional keras.Model) and returns it."""
+        if self.model is not None:
+            return self.model
+        inputs = self.get_inputs()
+        self.attention_mask = self.compute_attention_mask(inputs)
+        x = self.apply_embeddings(inputs)
+        for index in range(self.num_hidden_layers):
+            x = self.apply_main_layers(x, index)
+        outputs = self.apply_final_layers(x)
+        self.model = keras.Model(inputs, outputs, name=self.name or type(self).__name__.lower())
+        self.model.bert4keras = self
+        return self.model
+
+    # -- checkpoints ------------------------------------------------------
+
+    def variable_mapping(self):
+        """{keras variable path: checkpoint variable name}; families override."""
+        return {}
+
+    def load_variable(self, checkpoint, name):
+        """Reads one checkpoint variable, applying keep_tokens / compound_tokens."""
+        value = checkpoint[name]
+        if name in self.vocab_variables():
+            if self.keep_tokens is not None:
+                value = value[np.asarray(self.keep_tokens)]
+            if self.compound_tokens is not None:
+                compound = [np.mean(value[np.asarray(ids)], axis=0) for ids in self.compound_tokens]
+                value = np.concatenate([value, np.stack(compound).astype(value.dtype)], axis=0)
+        return value
+
+    def save_variable(self, name, value):
+        """Inverse of the per-variable transform of `load_variable` (for saving)."""
+        return value
+
+    def vocab_variables(self):
+        """Checkpoint names whose first axis is the vocabulary."""
+        return ()
+
+    def open_checkpoint(self, checkpoint_path):
+        """A name -> array view in Google naming, whatever the file format."""
+        if not isinstance(checkpoint_path, (str, os.PathLike)):
+            return checkpoint_path
+        path = os.fspath(checkpoint_path)
+        reader = checkpoints.open_checkpoint(path)
+        if reader is not None:
+            return reader
+        files = checkpoints.find_safetensors(path)
+        if files:
+            state = {}
+            for file in files:
+                state.update(checkpoints.read_safetensors(file))
+            return checkpoints.DictCheckpoint(self.from_hf_weights(state), path)
+        if not os.path.exists(path) and not os.path.exists(path + ".index"):
+            raise FileNotFoundError(f"Checkpoint not found: {path!r} does not exist.")
+        raise FileNotFoundError(
+            f"No checkpoint in {path!r}: expected a Google TF checkpoint "
+            "(bert_model.ckpt.index + .data-*) or a HuggingFace model.safetensors."
+        )
+
+    def from_hf_weights(self, state):
+        raise NotImplementedError(f"{type(self).__name__} cannot read HuggingFace weights.")
+
+    def load_weights_from_checkpoint(self, checkpoint_path, mapping=None):
+        """Loads every mapped variable, by explicit name, with shape checks."""
+        checkpoint = self.open_checkpoint(checkpoint_path)
+        mapping = mapping or self.variable_mapping()
+        variables = {v.path: v for v in self.model.weights}
+        missing = []
+        for path, name in mapping.items():
+            variable = variables.get(path)
+            if variable is None:
+                raise KeyError(f"Internal mapping names {path!r}, which the model does not have.")
+            if name not in checkpoint:
+                missing.append(name)
+                continue
+            value = self.load_variable(checkpoint, name)
+            if tuple(value.shape) != tuple(variable.shape):
+                raise ValueError(
+                    f"Shape mismatch for checkpoint variable {name!r} (model weight {path!r}): "
+                    f"checkpoint shape {tuple(value.shape)}, model shape {tuple(variable.shape)}. "
+                    "Check that the config matches the checkpoint."
+                )
+            variable.assign(value.astype(variable.dtype))
+        if missing and not self.ignore_invalid_weights:
+            raise KeyError(
+                f"{len(missing)} variable(s) missing from checkpoint {checkpoint.path!r}: "
+                f"{', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}. "
+                "Pass ignore_invalid_weights=True to keep their initial values."
+            )
+        return missing
+
+    def checkpoint_tensors(self, mapping=None):
+        """{checkpoint name: numpy value} of the current weights (Google naming)."""
+        mapping = mapping or self.variable_mapping()
+        variables = {v.path: v for v in self.model.weights}
+        return {
+            name: self.save_variable(name, keras.ops.convert_to_numpy(variables[path]))
+            for path, name in mapping.items()
+        }
+
+    def save_weights_as_checkpoint(self, prefix, mapping=None, write_config=True):
+        """Saves the weights as a Google-format checkpoint (+ bert_config.json)."""
+        checkpoints.save_tf_checkpoint(prefix, self.checkpoint_tensors(mapping))
+        if write_config:
+            path = os.path.join(os.path.dirname(os.path.abspath(prefix)), "bert_config.json")
+            with open(path, "w") as f:
+                json.dump(self.google_config(), f, indent=2)
+        return prefix
+
+    def google_config(self):
+        """The model's settings in Google `bert_config.json` keys."""
+        config = {
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "intermediate_size": self.intermediate_size,
+            "hidden_act": self.hidden_act,
+            "hidden_dropout_prob": self.dropout_rate,
+            "attention_probs_dropout_prob": self.attention_dropout_rate,
+            "max_position_embeddings": self.max_position,
+            "initializer_range": self.initializer_range,
+            "layer_norm_eps": self.layer_norm_eps,
+        }
+        if self.embedding_size != self.hidden_size:
+            config["embedding_size"] = self.embedding_size
+        return config
+
+
+def linear_kernel(weight):
+    """A PyTorch Linear weight (out, in) as a Keras Dense kernel (in, out)."""
+    return np.ascontiguousarray(np.transpose(weight))
