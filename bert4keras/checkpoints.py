@@ -76,6 +76,7 @@ def write_safetensors(path, tensors, metadata=None):
 
 def find_tf_checkpoint(path):
     """The prefix of a Google TF checkpoint given a prefix, an index file or a folder."""
+    path = os.fspath(path)
     if path.endswith(".index"):
         path = path[: -len(".index")]
     if os.path.exists(path + ".index"):
@@ -94,6 +95,7 @@ def find_tf_checkpoint(path):
 
 def find_safetensors(path):
     """The .safetensors files of a file path or an HF model folder."""
+    path = os.fspath(path)
     if path.endswith(".safetensors") and os.path.isfile(path):
         return [path]
     if os.path.isdir(path):

@@ -603,3 +603,9 @@ class Loss(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "output_axis": self.output_axis}
+
+
+# --- zoo: layers of ALBERT / NEZHA / RoFormer / ELECTRA (below this line) ---
+
+
+# --- zoo: layers of GPT / GPT-2 / T5 (below this line) ---
