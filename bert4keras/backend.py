@@ -18,11 +18,13 @@ def backend_name():
     return keras.backend.backend()
 
 
+@keras.saving.register_keras_serializable(package="bert4keras")
 def gelu_erf(x):
     """GELU with the exact erf form (BERT, RoBERTa)."""
     return keras.activations.gelu(x, approximate=False)
 
 
+@keras.saving.register_keras_serializable(package="bert4keras")
 def gelu_tanh(x):
     """GELU with the tanh approximation (GPT-2's `gelu_new`)."""
     return keras.activations.gelu(x, approximate=True)

@@ -608,4 +608,81 @@ class Loss(keras.layers.Layer):
 # --- zoo: layers of ALBERT / NEZHA / RoFormer / ELECTRA (below this line) ---
 
 
+def relative_position_table(q_positions, k_positions, depth, max_relative_position):
+    """NEZHA's fixed table of clipped relative positions, (q_len, k_len, depth).
+
+    Entry [i, j] is the interleaved sinusoid [sin(r w0), cos(r w0), sin(r w1),
+    ...] with w_m = 10000^(-2m/depth) and r = clip(k_j - q_i, -M, M) + M, the
+    row of a (2M + 1)-row table; M = max_relative_position. Not trained.
+
+    >>> relative_position_table(ops.arange(3), ops.arange(3), 4, 1).shape
+    (3, 3, 4)
+    """
+    if depth % 2:
+        raise ValueError(f"Relative position embeddings need an even size per head, got {depth}.")
+    relative = k_positions[None, :] - q_positions[:, None]
+    rows = ops.clip(relative, -max_relative_position, max_relative_position) + max_relative_position
+    return backend.sinusoidal_embeddings(rows, depth, interleave=True)
+
+
+@register
+class RelativePositionAttention(MultiHeadAttention):
+    """Multi-head attention with NEZHA's clipped relative positions.
+
+    With a_ij the fixed sinusoid of the clipped distance j - i (see
+    `relative_position_table`), shared by all heads:
+      score_ij = q_i . (k_j + a_ij) / sqrt(d),  out_i = sum_j p_ij (v_j + a_ij).
+    There are no position weights, so checkpoints are BERT's minus the
+    absolute position table.
+
+    >>> att = RelativePositionAttention(heads=2, head_size=4, max_relative_position=64)
+    >>> x = ops.ones((1, 5, 8))
+    >>> att([x, x, x]).shape
+    (1, 5, 8)
+    """
+
+    def __init__(self, heads, head_size, max_relative_position=64, **kwargs):
+        super().__init__(heads, head_size, **kwargs)
+        if kwargs.get("position_encoding") is not None:
+            raise ValueError("RelativePositionAttention does not take position_encoding.")
+        self.max_relative_position = max_relative_position
+        self._query_offset = 0
+
+    def call(self, inputs, attention_mask=None, cache=None, cache_index=None, training=None):
+        # With a cache the queries start at cache_index; `_attend` needs that offset.
+        self._query_offset = 0 if cache_index is None else cache_index
+        try:
+            return super().call(
+                inputs, attention_mask=attention_mask, cache=cache, cache_index=cache_index, training=training
+            )
+        finally:
+            self._query_offset = 0
+
+    def _attend(self, qw, kw, vw, attention_mask, training):
+        q_pos = ops.arange(ops.shape(qw)[1]) + self._query_offset
+        k_pos = ops.arange(ops.shape(kw)[1])
+        key_table = relative_position_table(q_pos, k_pos, self.key_size, self.max_relative_position)
+        if self.head_size == self.key_size:
+            value_table = key_table
+        else:
+            value_table = relative_position_table(q_pos, k_pos, self.head_size, self.max_relative_position)
+        key_table = ops.cast(key_table, qw.dtype)
+        value_table = ops.cast(value_table, vw.dtype)
+        scores = ops.einsum("bqhd,bkhd->bhqk", qw, kw) + ops.einsum("bqhd,qkd->bhqk", qw, key_table)
+        if self.attention_scale:
+            scores = scores * ops.cast(self.key_size**-0.5, scores.dtype)
+        if attention_mask is not None:
+            if "bool" in str(attention_mask.dtype):
+                scores = ops.where(attention_mask, scores, ops.cast(backend.NEG_INF, scores.dtype))
+            else:
+                scores = scores + ops.cast(attention_mask, scores.dtype)
+        probs = ops.cast(ops.softmax(ops.cast(scores, "float32"), axis=-1), vw.dtype)
+        probs = self.dropout(probs, training=training)
+        outputs = ops.einsum("bhqk,bkhd->bqhd", probs, vw) + ops.einsum("bhqk,qkd->bqhd", probs, value_table)
+        return outputs, scores
+
+    def get_config(self):
+        return {**super().get_config(), "max_relative_position": self.max_relative_position}
+
+
 # --- zoo: layers of GPT / GPT-2 / T5 (below this line) ---

@@ -46,6 +46,7 @@ class Transformer:
         application="encoder",
         layer_norm_eps=1e-12,
         initializer_range=0.02,
+        pad_token_id=0,
         ignore_invalid_weights=False,
         recompute=None,
         name=None,
@@ -77,6 +78,7 @@ class Transformer:
         self.application = application
         self.layer_norm_eps = layer_norm_eps
         self.initializer_range = initializer_range
+        self.pad_token_id = pad_token_id or 0
         self.ignore_invalid_weights = ignore_invalid_weights
         if recompute is None:
             recompute = os.environ.get("RECOMPUTE", "0") not in ("", "0", "false", "False")
@@ -126,6 +128,7 @@ class Transformer:
             AttentionMask,
             arguments={"segment_ids": segment_ids} if self.application == "unilm" else None,
             application=self.application,
+            pad_id=self.pad_token_id,
             name="Attention-Mask",
         )
 
@@ -156,7 +159,12 @@ class Transformer:
             if self.keep_tokens is not None:
                 value = value[np.asarray(self.keep_tokens)]
             if self.compound_tokens is not None:
-                compound = [np.mean(value[np.asarray(ids)], axis=0) for ids in self.compound_tokens]
+                # Ids index the vocabulary after keep_tokens, as in bert4keras; an
+                # item is a list of ids or (ids, weights) for a weighted mean.
+                compound = []
+                for item in self.compound_tokens:
+                    ids, weights = item if isinstance(item, tuple) else (item, None)
+                    compound.append(np.average(value[np.asarray(ids)], axis=0, weights=weights))
                 value = np.concatenate([value, np.stack(compound).astype(value.dtype)], axis=0)
         return value
 
@@ -254,6 +262,8 @@ class Transformer:
             "initializer_range": self.initializer_range,
             "layer_norm_eps": self.layer_norm_eps,
         }
+        if self.pad_token_id:
+            config["pad_token_id"] = self.pad_token_id
         if self.embedding_size != self.hidden_size:
             config["embedding_size"] = self.embedding_size
         return config

@@ -82,18 +82,19 @@ class BERT(Transformer):
                 name="Embedding-Segment",
             )
             x = self.apply([x, s], keras.layers.Add, name="Embedding-Token-Segment")
-        position_inputs = [x, inputs[-1]] if self.custom_position_ids else x
-        x = self.apply(
-            position_inputs,
-            PositionEmbedding,
-            input_dim=self.max_position,
-            output_dim=self.embedding_size,
-            merge_mode="add",
-            hierarchical=self.hierarchical_position,
-            embeddings_initializer=self.initializer(),
-            custom_position_ids=self.custom_position_ids,
-            name="Embedding-Position",
-        )
+        if self.absolute_positions:
+            position_inputs = [x, inputs[-1]] if self.custom_position_ids else x
+            x = self.apply(
+                position_inputs,
+                PositionEmbedding,
+                input_dim=self.max_position,
+                output_dim=self.embedding_size,
+                merge_mode="add",
+                hierarchical=self.hierarchical_position,
+                embeddings_initializer=self.initializer(),
+                custom_position_ids=self.custom_position_ids,
+                name="Embedding-Position",
+            )
         x = self.apply(x, LayerNormalization, epsilon=self.layer_norm_eps, name="Embedding-Norm")
         x = self.apply(x, keras.layers.Dropout, rate=self.dropout_rate, name="Embedding-Dropout")
         if self.embedding_size != self.hidden_size:
@@ -106,14 +107,27 @@ class BERT(Transformer):
             )
         return x
 
+    #: False drops the learned absolute position table (NEZHA, RoFormer).
+    absolute_positions = True
+
+    def block_name(self, index):
+        """Prefix of block `index`'s layer names; ALBERT shares one block."""
+        return f"Transformer-{index}"
+
+    def attention_layer(self):
+        """(attention layer class, extra constructor kwargs); NEZHA/RoFormer change it."""
+        return MultiHeadAttention, {}
+
     def apply_main_layers(self, x, index):
         """Post-LN block: x = LN(x + Attn(x)); x = LN(x + FFN(x))."""
-        attention = f"Transformer-{index}-MultiHeadSelfAttention"
-        feed_forward = f"Transformer-{index}-FeedForward"
+        attention = f"{self.block_name(index)}-MultiHeadSelfAttention"
+        feed_forward = f"{self.block_name(index)}-FeedForward"
+        attention_layer, attention_kwargs = self.attention_layer()
         y = self.apply(
             [x, x, x],
-            MultiHeadAttention,
+            attention_layer,
             arguments={"attention_mask": self.attention_mask},
+            **attention_kwargs,
             heads=self.num_attention_heads,
             head_size=self.attention_head_size,
             key_size=self.attention_key_size,
@@ -203,10 +217,11 @@ class BERT(Transformer):
         p = self.prefix
         mapping = {
             "Embedding-Token/embeddings": f"{p}/embeddings/word_embeddings",
-            "Embedding-Position/embeddings": f"{p}/embeddings/position_embeddings",
             "Embedding-Norm/gamma": f"{p}/embeddings/LayerNorm/gamma",
             "Embedding-Norm/beta": f"{p}/embeddings/LayerNorm/beta",
         }
+        if self.absolute_positions:
+            mapping["Embedding-Position/embeddings"] = f"{p}/embeddings/position_embeddings"
         if self.segment_vocab_size > 0:
             mapping["Embedding-Segment/embeddings"] = f"{p}/embeddings/token_type_embeddings"
         if self.embedding_size != self.hidden_size:
@@ -345,6 +360,7 @@ def bert_hf_config(config):
             "max_position_embeddings",
             "type_vocab_size",
             "initializer_range",
+            "pad_token_id",
         )
         if key in config
     }
