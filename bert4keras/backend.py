@@ -122,6 +122,29 @@ def attention_mask(token_ids, segment_ids=None, application="encoder", pad_id=0)
     )
 
 
+def prefill_mask(token_ids, segment_ids, application, max_length, pad_id=0):
+    """Mask of the first pass of cached decoding, keys padded to `max_length`.
+
+    The prompt's own mask is `attention_mask`'s; cache slots past the prompt
+    are never attended. Works on left-padded prompts (padding is masked).
+    """
+    mask = attention_mask(token_ids, segment_ids, application, pad_id)
+    batch, length = ops.shape(token_ids)[0], ops.shape(token_ids)[1]
+    mask = ops.broadcast_to(mask, (batch, 1, length, length))
+    return ops.pad(mask, [[0, 0], [0, 0], [0, 0], [0, max_length - length]], constant_values=False)
+
+
+def step_mask(valid_keys, index):
+    """Mask of one cached decoding step whose token sits in cache slot `index`.
+
+    valid_keys: (batch, max_length) boolean, False at padding. The new token
+    sees every valid slot up to and including its own.
+    """
+    max_length = ops.shape(valid_keys)[1]
+    upto = ops.less_equal(ops.arange(max_length), index)[None, :]
+    return ops.logical_and(valid_keys, upto)[:, None, None, :]
+
+
 def mask_to_bias(mask, dtype="float32"):
     """Boolean mask -> additive bias (0 where allowed, NEG_INF where not)."""
     return ops.where(mask, ops.zeros((), dtype), ops.full((), NEG_INF, dtype))

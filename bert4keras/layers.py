@@ -126,9 +126,13 @@ class PositionEmbedding(keras.layers.Layer):
             name="embeddings",
         )
 
-    def call(self, inputs):
+    def call(self, inputs, position_ids=None):
+        # `position_ids` as a call argument serves incremental decoding, where
+        # the positions of the new tokens start after the cached ones.
         if self.custom_position_ids:
             inputs, position_ids = inputs
+            position_ids = ops.cast(position_ids, "int32")
+        elif position_ids is not None:
             position_ids = ops.cast(position_ids, "int32")
         else:
             seq_len = inputs.shape[1]
@@ -686,3 +690,125 @@ class RelativePositionAttention(MultiHeadAttention):
 
 
 # --- zoo: layers of GPT / GPT-2 / T5 (below this line) ---
+
+
+@register
+class RelativePositionBias(keras.layers.Layer):
+    """T5's learned relative position bias, returned as an additive attention bias.
+
+    Takes `[q, k]` (any tensors whose axis 1 is the sequence) and returns a
+    (1, heads, q_len, k_len) bias: one learned scalar per head and bucket of
+    the distance key position - query position, bucketed by
+    `backend.t5_relative_position_buckets` (bidirectional in an encoder,
+    unidirectional in a decoder). Given `attention_mask=` (boolean, True =
+    may attend), masked entries get NEG_INF added, so the result is the whole
+    bias of a T5 self-attention. The table is (num_buckets, heads).
+
+    >>> bias = RelativePositionBias(heads=2, num_buckets=8, max_distance=16)
+    >>> x = ops.zeros((1, 5, 4))
+    >>> tuple(bias([x, x]).shape)
+    (1, 2, 5, 5)
+    """
+
+    def __init__(
+        self,
+        heads,
+        num_buckets=32,
+        max_distance=128,
+        bidirectional=True,
+        embeddings_initializer="zeros",
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.heads = heads
+        self.num_buckets = num_buckets
+        self.max_distance = max_distance
+        self.bidirectional = bidirectional
+        self.embeddings_initializer = keras.initializers.get(embeddings_initializer)
+
+    def build(self, input_shape=None):
+        self.embeddings = self.add_weight(
+            shape=(self.num_buckets, self.heads),
+            initializer=self.embeddings_initializer,
+            name="embeddings",
+        )
+
+    def call(self, inputs, attention_mask=None):
+        q, k = inputs
+        q_len, k_len = ops.shape(q)[1], ops.shape(k)[1]
+        relative = ops.arange(k_len)[None, :] - ops.arange(q_len)[:, None]
+        buckets = backend.t5_relative_position_buckets(
+            relative, self.bidirectional, self.num_buckets, self.max_distance
+        )
+        values = ops.take(ops.cast(self.embeddings, self.compute_dtype), buckets, axis=0)
+        bias = ops.transpose(values, (2, 0, 1))[None]  # (1, heads, q_len, k_len)
+        if attention_mask is not None:
+            bias = bias + backend.mask_to_bias(attention_mask, bias.dtype)
+        return bias
+
+    def compute_output_spec(self, inputs, attention_mask=None):
+        batch = 1 if attention_mask is None else attention_mask.shape[0]
+        shape = (batch, self.heads, inputs[0].shape[1], inputs[1].shape[1])
+        return keras.KerasTensor(shape, dtype=self.compute_dtype)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            heads=self.heads,
+            num_buckets=self.num_buckets,
+            max_distance=self.max_distance,
+            bidirectional=self.bidirectional,
+            embeddings_initializer=keras.initializers.serialize(self.embeddings_initializer),
+        )
+        return config
+
+
+@register
+class ZeroPaddedPositions(keras.layers.Layer):
+    """Sets the hidden states of padding tokens to zero: `[x, token_ids] -> x`.
+
+    The T5 encoder ends with it, so a decoder given only the encoder output
+    can still tell the padding apart (see `ContextMask`).
+
+    >>> x = ops.ones((1, 3, 2))
+    >>> y = ZeroPaddedPositions()([x, ops.array([[5, 7, 0]])])
+    >>> ops.convert_to_numpy(y)[0, :, 0].tolist()
+    [1.0, 1.0, 0.0]
+    """
+
+    def __init__(self, pad_id=0, **kwargs):
+        super().__init__(**kwargs)
+        self.pad_id = pad_id
+
+    def call(self, inputs):
+        x, token_ids = inputs
+        keep = backend.padding_mask(token_ids, self.pad_id)[:, 0, 0, :, None]
+        return x * ops.cast(keep, x.dtype)
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape[0])
+
+    def get_config(self):
+        return {**super().get_config(), "pad_id": self.pad_id}
+
+
+@register
+class ContextMask(keras.layers.Layer):
+    """Attention mask over an encoder output: padding rows are all zero.
+
+    Returns a (batch, 1, 1, k_len) boolean mask, True where the context row
+    has a non-zero entry. It pairs with `ZeroPaddedPositions` at the end of
+    the encoder, so that `decoder([encoder(tokens), ...])` masks the source
+    padding in cross-attention without a separate mask input.
+
+    >>> context = ops.array([[[1.0, 2.0], [0.0, 0.0]]])
+    >>> ops.convert_to_numpy(ContextMask()(context))[0, 0, 0].tolist()
+    [True, False]
+    """
+
+    def call(self, context):
+        # padding_mask compares to pad_id; a row's max |value| is 0 only for padding.
+        return backend.padding_mask(ops.max(ops.abs(context), axis=-1), 0)
+
+    def compute_output_spec(self, context):
+        return keras.KerasTensor((context.shape[0], 1, 1, context.shape[1]), dtype="bool")

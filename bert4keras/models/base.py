@@ -86,6 +86,7 @@ class Transformer:
         self.name = name
         self.layers = {}
         self.model = None
+        self.decoding = None  # set while build_cache_model re-applies the layers
 
     # -- construction -----------------------------------------------------
 
@@ -103,6 +104,8 @@ class Transformer:
             self.layers[name] = layer(**kwargs)
         if inputs is None:
             return self.layers[name]
+        if self.decoding is not None:
+            return self.decoding(self.layers[name], inputs, dict(arguments or {}))
         return self.layers[name](inputs, **(arguments or {}))
 
     def get_inputs(self):
@@ -145,6 +148,42 @@ class Transformer:
         self.model = keras.Model(inputs, outputs, name=self.name or type(self).__name__.lower())
         self.model.bert4keras = self
         return self.model
+
+    def build_cache_model(self, max_length):
+        """The incremental-decoding twin of `self.model` (same layers and weights).
+
+        Extra inputs: Cache-Position (batch, t) positions of the new tokens,
+        Cache (batch, layers, 2, max_length, heads, head_size) past keys and
+        values, Cache-Index (batch,) where the new keys go (same for all
+        rows), Cache-Mask (batch, 1, t, max_length). Outputs: the model's
+        output at the last new position and the updated cache. See
+        `bert4keras.generation`.
+        """
+        from bert4keras.generation import DecodingContext
+
+        self.build()
+        inputs = self.get_inputs()
+        positions = keras.Input((None,), dtype="int32", name="Cache-Position")
+        shape = (self.num_hidden_layers, 2, max_length, self.num_attention_heads, self.attention_head_size)
+        cache = keras.Input(shape, name="Cache")
+        index = keras.Input((), dtype="int32", name="Cache-Index")
+        mask = keras.Input((1, None, max_length), dtype="bool", name="Cache-Mask")
+        context = DecodingContext(positions, cache, index[0], mask)
+        saved_mask, self.attention_mask, self.decoding = self.attention_mask, mask, context
+        try:
+            x = self.apply_embeddings(inputs)
+            for index_ in range(self.num_hidden_layers):
+                x = self.apply_main_layers(x, index_)
+            outputs = self.apply_final_layers(x)
+        finally:
+            self.attention_mask, self.decoding = saved_mask, None
+        if isinstance(outputs, (list, tuple)):
+            raise ValueError("Cached decoding needs a model with a single (LM) output.")
+        return keras.Model(
+            inputs + [positions, cache, index, mask],
+            [outputs[:, -1], context.stacked_cache()],
+            name=f"{self.model.name}_cached",
+        )
 
     # -- checkpoints ------------------------------------------------------
 

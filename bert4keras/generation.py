@@ -1,0 +1,211 @@
+"""Cached (incremental) decoding for LM and UniLM models.
+
+`CachedDecoder` is an `AutoRegressiveDecoder` (bert4keras's beam search and
+sampling, see `bert4keras.snippets`) whose `predict` runs the prompt once and
+then one position per new token, reading past keys and values from a cache,
+instead of re-running the whole prefix at every step.
+
+    >>> decoder = CachedDecoder(model, start_id=None, end_id=sep_id, maxlen=32)  # doctest: +SKIP
+    >>> decoder.beam_search([token_ids, segment_ids], topk=3)                    # doctest: +SKIP
+
+Prompts of a batch are left-padded so that every row writes its new keys into
+the same cache slot; positions are counted from each row's first real token,
+so results equal those of the unpadded prompt.
+"""
+import keras
+import numpy as np
+from keras import ops
+
+from bert4keras import backend
+from bert4keras.layers import MultiHeadAttention, PositionEmbedding
+from bert4keras.snippets import AutoRegressiveDecoder
+
+
+class _CachedSelfAttention(keras.layers.Layer):
+    """Calls a shared attention layer with its cache.
+
+    A functional graph reads a layer's output structure from its first call,
+    which returned no cache; this wrapper is a new node whose first call does.
+    """
+
+    def __init__(self, attention, **kwargs):
+        super().__init__(name=f"{attention.name}-Cached", **kwargs)
+        self.attention = attention
+
+    def call(self, inputs, **kwargs):
+        return self.attention(inputs, **kwargs)
+
+    def compute_output_spec(self, inputs, **kwargs):
+        return self.attention.compute_output_spec(inputs, **kwargs)
+
+
+class DecodingContext:
+    """Re-applies a Transformer's layers with the cache wired in (see `Transformer.apply`)."""
+
+    def __init__(self, positions, cache, index, mask):
+        self.positions = positions
+        self.cache = cache
+        self.index = index
+        self.mask = mask
+        self.new_caches = []
+
+    def __call__(self, layer, inputs, arguments):
+        if isinstance(layer, PositionEmbedding) and not layer.custom_position_ids:
+            return layer(inputs, position_ids=self.positions, **arguments)
+        is_self_attention = (
+            isinstance(layer, MultiHeadAttention)
+            and isinstance(inputs, (list, tuple))
+            and inputs[0] is inputs[1]
+        )
+        if is_self_attention:
+            if layer.return_attention_scores:
+                raise ValueError(f"{layer.name}: cached decoding cannot return attention scores.")
+            slot = len(self.new_caches)
+            arguments.update(cache=self.cache[:, slot], cache_index=self.index, attention_mask=self.mask)
+            outputs, new_cache = _CachedSelfAttention(layer)(inputs, **arguments)
+            self.new_caches.append(new_cache)
+            return outputs
+        return layer(inputs, **arguments)
+
+    def stacked_cache(self):
+        return ops.stack(self.new_caches, axis=1)
+
+
+class IncrementalModel:
+    """Prompt pass and single-token steps of an LM/UniLM Transformer, with a cache.
+
+    transformer: the object `build_transformer_model(..., return_keras_model=
+    False)` returns (or its keras model), built with application 'lm' or
+    'unilm' and a single LM output (e.g. with_mlm=True).
+    """
+
+    def __init__(self, transformer):
+        transformer = getattr(transformer, "bert4keras", transformer)
+        if transformer.application not in ("lm", "unilm"):
+            raise ValueError(
+                f"Cached decoding needs application='lm' or 'unilm'; this model is "
+                f"{transformer.application!r}."
+            )
+        self.transformer = transformer
+        self.pad_id = transformer.pad_token_id
+        self.uses_segments = getattr(transformer, "segment_vocab_size", 0) > 0
+        self._models = {}
+
+    def cache_model(self, max_length):
+        if max_length > self.transformer.max_position and not getattr(
+            self.transformer, "hierarchical_position", None
+        ):
+            raise ValueError(
+                f"Decoding would need {max_length} positions but the model has "
+                f"max_position={self.transformer.max_position}; lower maxlen or shorten the prompt."
+            )
+        if max_length not in self._models:
+            model = self.transformer.build_cache_model(max_length)
+            self._models[max_length] = model
+        return self._models[max_length]
+
+    def _run(self, model, inputs):
+        return [ops.convert_to_numpy(x) for x in model.predict_on_batch(inputs)]
+
+    def prefill(self, sequences, segments=None, max_length=None):
+        """Runs left-padded prompts; returns (scores at the last position, state)."""
+        rows = len(sequences)
+        length = max(len(s) for s in sequences)
+        max_length = max_length or length
+        token_ids = np.full((rows, length), self.pad_id, dtype="int32")
+        segment_ids = np.zeros((rows, length), dtype="int32")
+        for r, sequence in enumerate(sequences):
+            token_ids[r, length - len(sequence):] = sequence
+            if segments is not None:
+                segment_ids[r, length - len(sequence):] = segments[r]
+        valid = token_ids != self.pad_id
+        positions = np.maximum(np.cumsum(valid, axis=1) - 1, 0).astype("int32")
+        application = self.transformer.application
+        mask = ops.convert_to_numpy(
+            backend.prefill_mask(token_ids, segment_ids, application, max_length, self.pad_id)
+        )
+        t = self.transformer
+        cache = np.zeros(
+            (rows, t.num_hidden_layers, 2, max_length, t.num_attention_heads, t.attention_head_size),
+            dtype=keras.backend.standardize_dtype(keras.config.floatx()),
+        )
+        model = self.cache_model(max_length)
+        inputs = [token_ids] + ([segment_ids] if self.uses_segments else [])
+        inputs += [positions, cache, np.zeros(rows, "int32"), mask]
+        scores, cache = self._run(model, inputs)
+        valid_keys = np.zeros((rows, max_length), dtype=bool)
+        valid_keys[:, :length] = valid
+        state = {
+            "cache": cache,
+            "valid": valid_keys,
+            "position": positions[:, -1],
+            "index": np.full(rows, length, dtype="int32"),
+        }
+        return scores, state
+
+    def step(self, tokens, state, segment_id=0):
+        """Feeds one token per row; returns (scores, new state)."""
+        index = int(state["index"][0])
+        max_length = state["valid"].shape[1]
+        if index >= max_length:
+            raise ValueError(f"The cache is full ({max_length} positions).")
+        rows = len(tokens)
+        valid = state["valid"].copy()
+        valid[:, index] = True
+        positions = (state["position"] + 1).astype("int32")
+        mask = ops.convert_to_numpy(backend.step_mask(valid, index))
+        inputs = [np.asarray(tokens, "int32").reshape(rows, 1)]
+        if self.uses_segments:
+            inputs.append(np.full((rows, 1), segment_id, dtype="int32"))
+        inputs += [positions[:, None], state["cache"], state["index"], mask]
+        scores, cache = self._run(self.cache_model(max_length), inputs)
+        new_state = {"cache": cache, "valid": valid, "position": positions, "index": state["index"] + 1}
+        return scores, new_state
+
+
+class CachedDecoder(AutoRegressiveDecoder):
+    """Beam search / sampling over an LM or UniLM model with a key/value cache.
+
+    inputs (per example, as for AutoRegressiveDecoder): `[token_ids]` for an
+    LM prompt, `[token_ids, segment_ids]` for UniLM (the source; generated
+    tokens get segment 1). Generated tokens continue the prompt. The model's
+    output must be next-token probabilities (with_mlm=True) or logits
+    (with_mlm='linear').
+    """
+
+    def __init__(self, model, start_id, end_id, maxlen, minlen=1, length_bucket=64):
+        super().__init__(start_id, end_id, maxlen, minlen)
+        self.incremental = IncrementalModel(model)
+        self.outputs_logits = getattr(self.incremental.transformer, "with_mlm", None) == "linear"
+        self.length_bucket = length_bucket
+
+    def _to_log_probs(self, scores):
+        if self.outputs_logits:
+            return scores
+        return np.log(np.maximum(scores.astype("float64"), 1e-30))
+
+    @AutoRegressiveDecoder.wraps(default_rtype="logits", use_states=True)
+    def predict(self, inputs, output_ids, states):
+        segment_id = 1 if self.incremental.transformer.application == "unilm" else 0
+        if states is None:
+            sequences, segments = [], []
+            for r in range(len(output_ids)):
+                prompt = np.asarray(inputs[0][r])
+                keep = prompt != self.incremental.pad_id
+                prompt = prompt[keep]
+                sequences.append(np.concatenate([prompt, output_ids[r]]).astype("int32"))
+                if len(inputs) > 1:
+                    seg = np.asarray(inputs[1][r])[keep]
+                else:
+                    seg = np.zeros(len(prompt), "int32")
+                segments.append(np.concatenate([seg, np.full(len(output_ids[r]), segment_id)]))
+            needed = max(len(s) for s in sequences) + self.maxlen
+            bucket = self.length_bucket
+            max_length = -(-needed // bucket) * bucket
+            limit = self.incremental.transformer.max_position
+            if max_length > limit >= needed:
+                max_length = limit
+            scores, state = self.incremental.prefill(sequences, segments, max_length)
+        else:
+            scores, state = self.incremental.step(output_ids[:, -1], states, segment_id)
+        return self._to_log_probs(scores), state

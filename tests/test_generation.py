@@ -1,0 +1,95 @@
+"""Cached decoding equals uncached full-prefix recomputation, token for token."""
+import numpy as np
+import pytest
+
+from bert4keras import build_transformer_model
+from bert4keras.generation import CachedDecoder, IncrementalModel
+from bert4keras.snippets import AutoRegressiveDecoder, sequence_padding
+
+VOCAB = 40
+END = 3
+
+
+def tiny_model(application, model="bert", seed=0):
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    return build_transformer_model(
+        model=model,
+        application=application,
+        with_mlm=True,
+        vocab_size=VOCAB,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=24,
+        max_position=64,
+        initializer_range=0.5,  # large weights: decisive, input-dependent argmaxes
+    )
+
+
+class FullPrefixDecoder(AutoRegressiveDecoder):
+    """The reference: re-runs the whole prompt + output at every step."""
+
+    def __init__(self, model, application, **kwargs):
+        super().__init__(**kwargs)
+        self.model, self.application = model, application
+
+    @AutoRegressiveDecoder.wraps(default_rtype="probas")
+    def predict(self, inputs, output_ids, states):
+        token_ids, segment_ids = [], []
+        for r in range(len(output_ids)):
+            prompt = np.asarray(inputs[0][r])
+            prompt = prompt[prompt != 0]
+            token_ids.append(np.concatenate([prompt, output_ids[r]]))
+            target_segment = 1 if self.application == "unilm" else 0
+            segment_ids.append([0] * len(prompt) + [target_segment] * len(output_ids[r]))
+        probas = self.model.predict([sequence_padding(token_ids), sequence_padding(segment_ids)], verbose=0)
+        lengths = [len(t) for t in token_ids]
+        return probas[np.arange(len(lengths)), np.array(lengths) - 1]
+
+
+PROMPTS = [[2, 7, 9, 11, 5], [2, 13, 4], [2, 21, 22, 23, 24, 25, 26]]
+
+
+@pytest.mark.parametrize("application", ["lm", "unilm"])
+def test_cached_greedy_and_beam_equal_full_prefix(application):
+    model = tiny_model(application)
+    cached = CachedDecoder(model, start_id=None, end_id=END, maxlen=8)
+    full = FullPrefixDecoder(model, application, start_id=None, end_id=END, maxlen=8)
+    inputs = [np.array(PROMPTS[0]), np.zeros(len(PROMPTS[0]), "int32")]  # batch 1
+    for topk in (1, 3):
+        np.testing.assert_array_equal(
+            cached.beam_search(inputs, topk=topk), full.beam_search(inputs, topk=topk)
+        )
+    # batch > 1, prompts of different lengths (padding inside the batch)
+    batch = [[np.array(p), np.zeros(len(p), "int32")] for p in PROMPTS]
+    for topk in (1, 3):
+        got = cached.beam_search_batch(batch, topk=topk)
+        want = [full.beam_search(x, topk=topk) for x in batch]
+        for g, w in zip(got, want):
+            np.testing.assert_array_equal(g, w)
+
+
+def test_cached_sampling_is_reproducible_and_matches_full():
+    model = tiny_model("lm", seed=3)
+    cached = CachedDecoder(model, start_id=None, end_id=END, maxlen=6)
+    full = FullPrefixDecoder(model, "lm", start_id=None, end_id=END, maxlen=6)
+    inputs = [np.array(PROMPTS[0]), np.zeros(5, "int32")]
+    a = cached.random_sample(inputs, n=4, topk=5, seed=7)
+    b = cached.random_sample(inputs, n=4, topk=5, seed=7)
+    c = full.random_sample(inputs, n=4, topk=5, seed=7)
+    for x, y, z in zip(a, b, c):
+        np.testing.assert_array_equal(x, y)
+        np.testing.assert_array_equal(x, z)
+
+
+def test_cached_decoding_needs_lm_or_unilm():
+    with pytest.raises(ValueError, match="application='lm' or 'unilm'"):
+        IncrementalModel(tiny_model("encoder"))
+
+
+def test_decoding_beyond_max_position_is_an_error():
+    decoder = CachedDecoder(tiny_model("lm"), start_id=None, end_id=END, maxlen=100)
+    with pytest.raises(ValueError, match="max_position=64"):
+        decoder.beam_search([np.array(PROMPTS[0]), np.zeros(5, "int32")], topk=1)
