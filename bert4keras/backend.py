@@ -146,8 +146,9 @@ def step_mask(valid_keys, index):
 
 
 def mask_to_bias(mask, dtype="float32"):
-    """Boolean mask -> additive bias (0 where allowed, NEG_INF where not)."""
-    return ops.where(mask, ops.zeros((), dtype), ops.full((), NEG_INF, dtype))
+    """Boolean mask -> additive bias (0 where allowed, a large negative where not)."""
+    negative = -1e4 if keras.backend.standardize_dtype(dtype) == "float16" else NEG_INF
+    return ops.where(mask, ops.zeros((), dtype), ops.full((), negative, dtype))
 
 
 # ---------------------------------------------------------------------------
@@ -167,7 +168,7 @@ def sinusoidal_embeddings(positions, dim, base=10000.0, interleave=False):
     sin, cos = ops.sin(angles), ops.cos(angles)
     if interleave:
         stacked = ops.stack([sin, cos], axis=-1)
-        return ops.reshape(stacked, ops.concatenate([ops.shape(sin)[:-1], [dim]], 0))
+        return ops.reshape(stacked, tuple(ops.shape(sin)[:-1]) + (dim,))
     return ops.concatenate([sin, cos], axis=-1)
 
 
@@ -184,7 +185,7 @@ def apply_rotary(x, positions, base=10000.0):
     sin = ops.repeat(ops.sin(angles), 2, axis=-1)
     cos = ops.cast(cos, x.dtype)
     sin = ops.cast(sin, x.dtype)
-    x_pairs = ops.reshape(x, ops.concatenate([ops.shape(x)[:-1], [dim // 2, 2]], 0))
+    x_pairs = ops.reshape(x, tuple(ops.shape(x)[:-1]) + (dim // 2, 2))
     rotated = ops.stack([-x_pairs[..., 1], x_pairs[..., 0]], axis=-1)
     rotated = ops.reshape(rotated, ops.shape(x))
     return x * cos + rotated * sin
@@ -219,3 +220,65 @@ def t5_relative_position_buckets(
 def sequence_lengths_to_numpy(token_ids, pad_id=0):
     """Number of non-padding tokens per row, as numpy (host-side helper)."""
     return np.sum(np.asarray(token_ids) != pad_id, axis=1)
+
+
+# ---------------------------------------------------------------------------
+# Recompute (gradient checkpointing)
+# ---------------------------------------------------------------------------
+
+
+class _FixedSeed(keras.random.SeedGenerator):
+    """A seed generator that always returns one pre-drawn seed (no state)."""
+
+    def __init__(self, seed):  # deliberately no super().__init__: no state variable
+        self._fixed = seed
+
+    def next(self, ordered=True):
+        return self._fixed
+
+
+def recompute(function, dropout_layers=()):
+    """Wraps `function(*tensors)` so its activations are recomputed in backward.
+
+    Only the inputs are kept for the backward pass; the intermediate
+    activations are computed again there (`jax.checkpoint` on JAX,
+    `tf.recompute_grad` on TensorFlow; PyTorch runs the function plainly).
+    The seeds of `dropout_layers` are drawn once, outside, and fed to both
+    passes, so dropout masks are identical in the forward pass and in the
+    recomputation. Arguments that are None stay None.
+    """
+    name = backend_name()
+    if name not in ("jax", "tensorflow"):
+        return function
+
+    def wrapped(*args):
+        # Only floating tensors are differentiated through; masks, ids and the
+        # dropout seeds (drawn here, outside) are closed over.
+        floating = [
+            i for i, a in enumerate(args) if a is not None and "float" in str(getattr(a, "dtype", ""))
+        ]
+        seeds = [layer.seed_generator.next() for layer in dropout_layers]
+
+        def inner(*tensors):
+            call_args = list(args)
+            for i, tensor in zip(floating, tensors):
+                call_args[i] = tensor
+            saved = [layer.seed_generator for layer in dropout_layers]
+            for layer, seed in zip(dropout_layers, seeds):
+                object.__setattr__(layer, "seed_generator", _FixedSeed(seed))
+            try:
+                return function(*call_args)
+            finally:
+                for layer, generator in zip(dropout_layers, saved):
+                    object.__setattr__(layer, "seed_generator", generator)
+
+        tensors = [args[i] for i in floating]
+        if name == "jax":
+            import jax
+
+            return jax.checkpoint(inner)(*tensors)
+        import tensorflow as tf
+
+        return tf.recompute_grad(inner)(*tensors)
+
+    return wrapped

@@ -50,6 +50,7 @@ def convert_hf_to_google(hf_folder, out_folder, model=None):
     prefix = os.path.join(out_folder, "bert_model.ckpt")
     checkpoints.save_tf_checkpoint(prefix, tensors)
     google = {k: v for k, v in config.items() if k != "model_type"}
+    google["bert4keras_model"] = model  # lets build_transformer_model pick the family
     with open(os.path.join(out_folder, "bert_config.json"), "w") as f:
         json.dump(google, f, indent=2)
     for extra in ("vocab.txt", "spiece.model", "sentencepiece.bpe.model"):

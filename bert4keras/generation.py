@@ -29,7 +29,9 @@ class _CachedSelfAttention(keras.layers.Layer):
     """
 
     def __init__(self, attention, **kwargs):
-        super().__init__(name=f"{attention.name}-Cached", **kwargs)
+        # ALBERT calls one shared attention layer in every block: names need a uid.
+        uid = keras.backend.get_uid(f"{attention.name}-Cached")
+        super().__init__(name=f"{attention.name}-Cached-{uid}", **kwargs)
         self.attention = attention
 
     def call(self, inputs, **kwargs):
@@ -71,6 +73,42 @@ class DecodingContext:
         return ops.stack(self.new_caches, axis=1)
 
 
+def compiled_inference(model):
+    """`model(inputs, training=False)` compiled once per input shape.
+
+    Keras' predict_on_batch rebuilds a data adapter on every call, which
+    costs more than a decoding step itself; this calls the backend's
+    compiler directly (tf.function, jax.jit; eager on PyTorch).
+    """
+    name = backend.backend_name()
+    if name == "tensorflow":
+        import tensorflow as tf
+
+        return tf.function(lambda inputs: model(inputs, training=False), reduce_retracing=True)
+    if name == "jax":
+        import jax
+
+        @jax.jit
+        def run(trainable, non_trainable, inputs):
+            outputs, _ = model.stateless_call(trainable, non_trainable, inputs, training=False)
+            return outputs
+
+        return lambda inputs: run(
+            [v.value for v in model.trainable_variables],
+            [v.value for v in model.non_trainable_variables],
+            inputs,
+        )
+    if name == "torch":
+        import torch
+
+        def run(inputs):
+            with torch.no_grad():
+                return model(inputs, training=False)
+
+        return run
+    return lambda inputs: model(inputs, training=False)
+
+
 class IncrementalModel:
     """Prompt pass and single-token steps of an LM/UniLM Transformer, with a cache.
 
@@ -90,6 +128,7 @@ class IncrementalModel:
         self.pad_id = transformer.pad_token_id
         self.uses_segments = getattr(transformer, "segment_vocab_size", 0) > 0
         self._models = {}
+        self._compiled = {}
 
     def cache_model(self, max_length):
         if max_length > self.transformer.max_position and not getattr(
@@ -105,7 +144,15 @@ class IncrementalModel:
         return self._models[max_length]
 
     def _run(self, model, inputs):
-        return [ops.convert_to_numpy(x) for x in model.predict_on_batch(inputs)]
+        if model not in self._compiled:
+            self._compiled[model] = compiled_inference(model)
+        # Rows are padded up to a power of two: beam search drops finished rows,
+        # and every new row count would otherwise compile the step again.
+        rows = len(inputs[0])
+        bucket = 1 << max(rows - 1, 0).bit_length()
+        if bucket != rows:
+            inputs = [np.concatenate([x, np.repeat(x[-1:], bucket - rows, axis=0)]) for x in inputs]
+        return [ops.convert_to_numpy(x)[:rows] for x in self._compiled[model](inputs)]
 
     def prefill(self, sequences, segments=None, max_length=None):
         """Runs left-padded prompts; returns (scores at the last position, state)."""
@@ -151,7 +198,9 @@ class IncrementalModel:
             raise ValueError(f"The cache is full ({max_length} positions).")
         rows = len(tokens)
         valid = state["valid"].copy()
-        valid[:, index] = True
+        # A generated padding id is masked like padding anywhere else, so the
+        # cached model sees exactly what the full model would.
+        valid[:, index] = np.asarray(tokens) != self.pad_id
         positions = (state["position"] + 1).astype("int32")
         mask = ops.convert_to_numpy(backend.step_mask(valid, index))
         inputs = [np.asarray(tokens, "int32").reshape(rows, 1)]

@@ -138,9 +138,13 @@ class PositionEmbedding(keras.layers.Layer):
             seq_len = inputs.shape[1]
             if seq_len is None:
                 seq_len = ops.shape(inputs)[1]
-            if not self.hierarchical:
-                _check_positions_fit(seq_len, self.input_dim, self.name)
+            check = None if self.hierarchical else _check_positions_fit(seq_len, self.input_dim, self.name)
             position_ids = ops.arange(seq_len, dtype="int32")[None]
+            if check is not None:  # TF graph with an unknown length: the lookup waits for the check
+                import tensorflow as tf
+
+                with tf.control_dependencies([check]):
+                    position_ids = tf.identity(position_ids)
         table = ops.cast(self.embeddings, self.compute_dtype)
         if self.hierarchical:
             alpha = 0.4 if self.hierarchical is True else self.hierarchical
@@ -325,9 +329,11 @@ class MultiHeadAttention(keras.layers.Layer):
         return_attention_scores=False,
         position_encoding=None,
         kernel_initializer="glorot_uniform",
+        recompute=False,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        self.recompute = recompute
         if position_encoding not in (None, "rotary"):
             raise ValueError(
                 f"Unknown position_encoding {position_encoding!r}; valid: None, 'rotary'."
@@ -336,6 +342,11 @@ class MultiHeadAttention(keras.layers.Layer):
         self.head_size = head_size
         self.out_dim = out_dim
         self.key_size = key_size or head_size
+        if position_encoding == "rotary" and self.key_size % 2:
+            raise ValueError(
+                "position_encoding='rotary' rotates pairs of features and needs an even "
+                f"key_size; got key_size={self.key_size}."
+            )
         self.use_bias = use_bias
         self.attention_scale = attention_scale
         self.attention_dropout = attention_dropout
@@ -375,6 +386,17 @@ class MultiHeadAttention(keras.layers.Layer):
         cache_index=None,
         training=None,
     ):
+        if self.recompute and training and cache is None:
+            # Keep only the inputs for backward; q/k/v, scores and probabilities
+            # (the bulk of the activation memory) are recomputed there.
+            dropouts = [self.dropout] if self.attention_dropout > 0 else []
+            run = backend.recompute(
+                lambda q, k, v, mask: self._forward([q, k, v], mask, None, None, training), dropouts
+            )
+            return run(inputs[0], inputs[1], inputs[2], attention_mask)
+        return self._forward(inputs, attention_mask, cache, cache_index, training)
+
+    def _forward(self, inputs, attention_mask, cache, cache_index, training):
         q, k, v = inputs[:3]
         qw = self._split_heads(self.q_dense(q), self.key_size)
         kw = self._split_heads(self.k_dense(k), self.key_size)
@@ -462,6 +484,7 @@ class MultiHeadAttention(keras.layers.Layer):
             return_attention_scores=self.return_attention_scores,
             position_encoding=self.position_encoding,
             kernel_initializer=keras.initializers.serialize(self.kernel_initializer),
+            recompute=self.recompute,
         )
         return config
 
@@ -477,8 +500,11 @@ class FeedForward(keras.layers.Layer):
     (2, 3, 8)
     """
 
-    def __init__(self, units, activation="relu", use_bias=True, kernel_initializer="glorot_uniform", **kwargs):
+    def __init__(
+        self, units, activation="relu", use_bias=True, kernel_initializer="glorot_uniform", recompute=False, **kwargs
+    ):
         super().__init__(**kwargs)
+        self.recompute = recompute
         self.units = units
         self.activation = activation if isinstance(activation, (list, tuple)) else [activation]
         self.activation = [backend.activation_name(a) for a in self.activation]
@@ -505,7 +531,12 @@ class FeedForward(keras.layers.Layer):
         )
         self.o_dense.build(tuple(input_shape[:-1]) + (self.units,))
 
-    def call(self, inputs):
+    def call(self, inputs, training=None):
+        if self.recompute and training:
+            return backend.recompute(self._forward)(inputs)
+        return self._forward(inputs)
+
+    def _forward(self, inputs):
         x = self.input_denses[0](inputs)
         for dense in self.input_denses[1:]:
             x = x * dense(inputs)
@@ -522,6 +553,7 @@ class FeedForward(keras.layers.Layer):
             activation=activation,
             use_bias=self.use_bias,
             kernel_initializer=keras.initializers.serialize(self.kernel_initializer),
+            recompute=self.recompute,
         )
         return config
 
@@ -619,7 +651,7 @@ def relative_position_table(q_positions, k_positions, depth, max_relative_positi
     ...] with w_m = 10000^(-2m/depth) and r = clip(k_j - q_i, -M, M) + M, the
     row of a (2M + 1)-row table; M = max_relative_position. Not trained.
 
-    >>> relative_position_table(ops.arange(3), ops.arange(3), 4, 1).shape
+    >>> tuple(relative_position_table(ops.arange(3), ops.arange(3), 4, 1).shape)
     (3, 3, 4)
     """
     if depth % 2:
@@ -641,7 +673,7 @@ class RelativePositionAttention(MultiHeadAttention):
 
     >>> att = RelativePositionAttention(heads=2, head_size=4, max_relative_position=64)
     >>> x = ops.ones((1, 5, 8))
-    >>> att([x, x, x]).shape
+    >>> tuple(att([x, x, x]).shape)
     (1, 5, 8)
     """
 

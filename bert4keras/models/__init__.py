@@ -4,19 +4,38 @@ import inspect
 import json
 import os
 
-from bert4keras.models.base import Transformer
+from bert4keras.models.base import Transformer, accepted_arguments  # noqa: F401
 
 # Families are imported on first use; each entry is "module:attribute".
 #: model= name -> (class, fixed keyword arguments).
 MODELS = {
     "bert": ("bert4keras.models.bert:BERT", {}),
     "roberta": ("bert4keras.models.bert:BERT", {}),
+    "albert": ("bert4keras.models.albert:ALBERT", {}),
+    "albert_unshared": ("bert4keras.models.albert:ALBERTUnshared", {}),
+    "nezha": ("bert4keras.models.nezha:NEZHA", {}),
+    "roformer": ("bert4keras.models.roformer:RoFormer", {}),
+    "roformer_v2": ("bert4keras.models.roformer:RoFormerV2", {}),
+    "electra": ("bert4keras.models.electra:ELECTRA", {}),
+    "gpt": ("bert4keras.models.gpt:GPT", {}),
+    "gpt2": ("bert4keras.models.gpt:GPT2", {}),
+    "gpt2_ml": ("bert4keras.models.gpt:GPT2_ML", {}),
+    "t5": ("bert4keras.models.t5:T5", {}),
+    "t5.1.0": ("bert4keras.models.t5:T5", {"version": "t5.1.0"}),
+    "t5.1.1": ("bert4keras.models.t5:T5", {"version": "t5.1.1"}),
+    "mt5.1.1": ("bert4keras.models.t5:T5", {"version": "mt5.1.1"}),
 }
 
 #: HF config "model_type" -> (model= name, converter of config.json keys).
 HF_MODEL_TYPES = {
     "bert": ("bert", "bert4keras.models.bert:bert_hf_config"),
     "roberta": ("roberta", "bert4keras.models.bert:bert_hf_config"),
+    "albert": ("albert", "bert4keras.models.albert:albert_hf_config"),
+    "roformer": ("roformer", "bert4keras.models.roformer:roformer_hf_config"),
+    "electra": ("electra", "bert4keras.models.electra:electra_hf_config"),
+    "gpt2": ("gpt2", "bert4keras.models.gpt:gpt2_hf_config"),
+    "t5": ("t5", "bert4keras.models.t5:t5_hf_config"),
+    "mt5": ("mt5.1.1", "bert4keras.models.t5:t5_hf_config"),
 }
 
 
@@ -65,24 +84,11 @@ def _config_to_arguments(config):
     return args
 
 
-def accepted_arguments(cls):
-    names = set()
-    for klass in inspect.getmro(cls):
-        if klass is object:
-            continue
-        names.update(
-            p.name
-            for p in inspect.signature(klass.__init__).parameters.values()
-            if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and p.name != "self"
-        )
-    return names
-
-
 def build_transformer_model(
     config_path=None,
     checkpoint_path=None,
-    model="bert",
-    application="encoder",
+    model=None,
+    application=None,
     return_keras_model=True,
     **kwargs,
 ):
@@ -91,13 +97,21 @@ def build_transformer_model(
     config_path: Google `bert_config.json` or an HF `config.json` (or a folder
     holding one). checkpoint_path: a Google TF checkpoint prefix
     (`.../bert_model.ckpt`), or an HF folder / `model.safetensors`.
-    model: one of `MODELS`. application: 'encoder', 'lm' or 'unilm'. Keyword
+    model: one of `MODELS`; by default the config's family (an HF config's
+    model_type, or the `bert4keras_model` key that `bert4keras.convert`
+    writes), else 'bert'. application: 'encoder', 'lm' or 'unilm' (default: the family's
+    own, 'encoder' for BERT-like models). Keyword
     arguments override config values (e.g. with_pool=True, keep_tokens=...).
 
     >>> model = build_transformer_model(                 # doctest: +SKIP
     ...     "uncased_L-12_H-768_A-12/bert_config.json",
     ...     "uncased_L-12_H-768_A-12/bert_model.ckpt")
     """
+    config = {}
+    if config_path is not None:
+        config = load_config(os.fspath(config_path))
+    if model is None:
+        model = config.get("bert4keras_model") or HF_MODEL_TYPES.get(config.get("model_type"), ("bert",))[0]
     if isinstance(model, str):
         key = model.lower()
         if key not in MODELS:
@@ -114,12 +128,11 @@ def build_transformer_model(
             f"Unknown argument(s) {', '.join(unknown)} for {cls.__name__}; "
             f"valid: {', '.join(sorted(valid))}."
         )
-    config = {}
-    if config_path is not None:
-        config = _config_to_arguments(load_config(os.fspath(config_path)))
+    config = _config_to_arguments(config)
     config.update(fixed)
     config.update(kwargs)
-    config["application"] = application
+    if application is not None:  # None: the family's own default ('encoder', GPT's 'lm', ...)
+        config["application"] = application
     transformer = cls(**{k: v for k, v in config.items() if k in valid})
     transformer.build()
     if checkpoint_path is not None:

@@ -6,6 +6,7 @@ created by name through `apply()`, so every weight has a readable path such as
 `Transformer-3-FeedForward/o_dense/kernel`, and the mapping to checkpoint
 variables is a plain dictionary.
 """
+import inspect
 import json
 import os
 
@@ -101,6 +102,8 @@ class Transformer:
         """
         name = kwargs.get("name")
         if name not in self.layers:
+            if self.recompute and layer is not None and "recompute" in accepted_arguments(layer):
+                kwargs["recompute"] = True
             self.layers[name] = layer(**kwargs)
         if inputs is None:
             return self.layers[name]
@@ -306,6 +309,20 @@ class Transformer:
         if self.embedding_size != self.hidden_size:
             config["embedding_size"] = self.embedding_size
         return config
+
+
+def accepted_arguments(cls):
+    """Names of the constructor arguments of `cls` and its bases."""
+    names = set()
+    for klass in inspect.getmro(cls):
+        if klass is object or "__init__" not in vars(klass):
+            continue
+        names.update(
+            p.name
+            for p in inspect.signature(klass.__init__).parameters.values()
+            if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and p.name != "self"
+        )
+    return names
 
 
 def linear_kernel(weight):
