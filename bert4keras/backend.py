@@ -122,15 +122,22 @@ def attention_mask(token_ids, segment_ids=None, application="encoder", pad_id=0)
     )
 
 
-def prefill_mask(token_ids, segment_ids, application, max_length, pad_id=0):
+def prefill_mask(valid, segment_ids, application, max_length):
     """Mask of the first pass of cached decoding, keys padded to `max_length`.
 
-    The prompt's own mask is `attention_mask`'s; cache slots past the prompt
-    are never attended. Works on left-padded prompts (padding is masked).
+    valid: (batch, length) boolean, False at (left) padding. The prompt's own
+    mask is the application's ('lm' causal, 'unilm' by segments); cache slots
+    past the prompt are never attended.
     """
-    mask = attention_mask(token_ids, segment_ids, application, pad_id)
-    batch, length = ops.shape(token_ids)[0], ops.shape(token_ids)[1]
-    mask = ops.broadcast_to(mask, (batch, 1, length, length))
+    mask = valid[:, None, None, :]
+    length = ops.shape(valid)[1]
+    if application == "lm":
+        mask = ops.logical_and(mask, causal_mask(length))
+    elif application == "unilm":
+        mask = ops.logical_and(mask, unilm_mask(segment_ids))
+    else:
+        raise ValueError(f"Cached decoding needs application 'lm' or 'unilm', got {application!r}.")
+    mask = ops.broadcast_to(mask, (ops.shape(valid)[0], 1, length, length))
     return ops.pad(mask, [[0, 0], [0, 0], [0, 0], [0, max_length - length]], constant_values=False)
 
 

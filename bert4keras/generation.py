@@ -159,18 +159,20 @@ class IncrementalModel:
         rows = len(sequences)
         length = max(len(s) for s in sequences)
         max_length = max_length or length
-        token_ids = np.full((rows, length), self.pad_id, dtype="int32")
+        # Left padding; the fill id must be a valid embedding row even for
+        # models whose pad id is -1 (GPT-2): padding is given by `valid`.
+        token_ids = np.full((rows, length), max(self.pad_id, 0), dtype="int32")
         segment_ids = np.zeros((rows, length), dtype="int32")
+        valid = np.zeros((rows, length), dtype=bool)
         for r, sequence in enumerate(sequences):
+            sequence = np.asarray(sequence)
             token_ids[r, length - len(sequence):] = sequence
+            valid[r, length - len(sequence):] = sequence != self.pad_id
             if segments is not None:
                 segment_ids[r, length - len(sequence):] = segments[r]
-        valid = token_ids != self.pad_id
         positions = np.maximum(np.cumsum(valid, axis=1) - 1, 0).astype("int32")
         application = self.transformer.application
-        mask = ops.convert_to_numpy(
-            backend.prefill_mask(token_ids, segment_ids, application, max_length, self.pad_id)
-        )
+        mask = ops.convert_to_numpy(backend.prefill_mask(valid, segment_ids, application, max_length))
         t = self.transformer
         cache = np.zeros(
             (rows, t.num_hidden_layers, 2, max_length, t.num_attention_heads, t.attention_head_size),

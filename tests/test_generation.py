@@ -97,3 +97,17 @@ def test_decoding_beyond_max_position_is_an_error():
     decoder = CachedDecoder(tiny_model("lm"), start_id=None, end_id=END, maxlen=100)
     with pytest.raises(ValueError, match="max_position=64"):
         decoder.beam_search([np.array(PROMPTS[0]), np.zeros(5, "int32")], topk=1)
+
+
+def test_gpt2_batch_with_real_token_zero_matches_one_by_one():
+    """GPT-2 has no padding id (0 is a real token): batch prompts are padded with -1."""
+    keras.utils.set_random_seed(5)
+    gpt2 = build_transformer_model(
+        model="gpt2", vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=24, max_position=64, initializer_range=0.5,
+    )
+    decoder = CachedDecoder(gpt2, start_id=None, end_id=END, maxlen=5)
+    prompts = [[5, 0, 7, 9], [0, 11], [4, 4, 0, 6, 8, 10]]
+    batched = decoder.beam_search_batch([[np.array(p)] for p in prompts], topk=2, pad_value=-1)
+    for prompt, got in zip(prompts, batched):
+        np.testing.assert_array_equal(got, decoder.beam_search([np.array(prompt)], topk=2))

@@ -204,14 +204,18 @@ class GPT2(GPT):
 
     prefix = "gpt2"
 
-    def __init__(self, layer_norm_eps=1e-5, hidden_act="gelu_new", **kwargs):
+    def __init__(self, layer_norm_eps=1e-5, hidden_act="gelu_new", pad_token_id=-1, **kwargs):
+        # pad_token_id=-1 (the default) matches no token id: GPT-2 has no padding
+        # token, and 0 is a real one. Batched decoding pads prompts with -1.
         if kwargs.get("segment_vocab_size"):
             raise ValueError("GPT-2 has no segment embeddings; leave segment_vocab_size at 0.")
         super().__init__(layer_norm_eps=layer_norm_eps, hidden_act=hidden_act, **kwargs)
+        self.pad_token_id = -1 if pad_token_id is None else pad_token_id
 
     def compute_attention_mask(self, inputs):
-        # Causal only: pad_id=-1 matches no token id, so nothing is masked as padding.
-        return self.apply(inputs[0], AttentionMask, application="lm", pad_id=-1, name="Attention-Mask")
+        return self.apply(
+            inputs[0], AttentionMask, application="lm", pad_id=self.pad_token_id, name="Attention-Mask"
+        )
 
     def apply_main_layers(self, x, index):
         """Pre-LN block: x = x + Attn(LN(x)); x = x + FFN(LN(x))."""
