@@ -844,3 +844,14 @@ class ContextMask(keras.layers.Layer):
 
     def compute_output_spec(self, context):
         return keras.KerasTensor((context.shape[0], 1, 1, context.shape[1]), dtype="bool")
+
+
+# Task heads live in heads.py; they are layers too, so they are importable here.
+from bert4keras.heads import (  # noqa: E402, F401
+    ConditionalRandomField,
+    EfficientGlobalPointer,
+    GlobalAveragePooling1D,
+    GlobalMaxPooling1D,
+    GlobalPointer,
+    MaximumEntropyMarkovModel,
+)
