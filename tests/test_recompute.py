@@ -100,8 +100,8 @@ def test_recompute_matches_in_eager_gradient(layer_name):
         else:
             import jax
 
-            trainable = [w.value for w in model.trainable_weights]
-            non_trainable = [w.value for w in model.non_trainable_weights]
+            trainable = [w.value for w in model.trainable_variables]
+            non_trainable = [w.value for w in model.non_trainable_variables]
 
             def loss_fn(tv):
                 out, _ = model.stateless_call(tv, non_trainable, x, training=True)
