@@ -151,8 +151,10 @@ class IncrementalModel:
         rows = len(inputs[0])
         bucket = 1 << max(rows - 1, 0).bit_length()
         if bucket != rows:
-            inputs = [np.concatenate([x, np.repeat(x[-1:], bucket - rows, axis=0)]) for x in inputs]
-        return [ops.convert_to_numpy(x)[:rows] for x in self._compiled[model](inputs)]
+            inputs = [ops.concatenate([x, ops.repeat(x[-1:], bucket - rows, axis=0)], axis=0) for x in inputs]
+        scores, cache = self._compiled[model](inputs)
+        # The cache stays a backend tensor between steps: no host copies.
+        return ops.convert_to_numpy(scores)[:rows], cache[:rows] if bucket != rows else cache
 
     def prefill(self, sequences, segments=None, max_length=None):
         """Runs left-padded prompts; returns (scores at the last position, state)."""
