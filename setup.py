@@ -21,8 +21,21 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest", "jax[cpu]", "snownlp", "sentencepiece", "jieba"],
+        "test": [
+            "pytest",
+            "jax[cpu]",
+            "snownlp",
+            "sentencepiece",
+            "jieba",
+            "scikit-learn",
+            "starlette>=0.37",
+            "uvicorn>=0.29",
+            "tf2onnx>=1.17",
+            "onnxruntime>=1.17",
+        ],
         "examples": ["snownlp", "jieba", "sentencepiece", "scikit-learn"],
+        "serve": ["starlette>=0.37", "uvicorn>=0.29"],
+        "export": ["tf2onnx>=1.17", "onnxruntime>=1.17"],
     },
     entry_points={"console_scripts": ["bert4keras=bert4keras.cli:main"]},
 )
