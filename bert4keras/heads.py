@@ -144,6 +144,21 @@ def _has_real_after(mask):
     return ops.greater(ops.sum(m, axis=1, keepdims=True) - ops.cumsum(m, axis=1), 0)
 
 
+def _scan_over_time(step, init, sequences, reverse=False):
+    """ops.scan of step(carry, (x_t, y_t, ...)) over axis 1 of (batch, seq, ...) tensors.
+
+    Scans over the time index and gathers inside the step: Keras' TF `scan`
+    fails when given several sequences whose length is unknown (None), as in
+    `fit` on length-bucketed batches.
+    """
+    time_major = [_time_major(s) for s in sequences]
+
+    def indexed_step(carry, t):
+        return step(carry, tuple(ops.take(s, t, axis=0) for s in time_major))
+
+    return ops.scan(indexed_step, init, ops.arange(ops.shape(sequences[0])[1]), reverse=reverse)
+
+
 def _last_real_value(values, mask, reverse=False):
     """values (batch, seq, k) -> at each t, the value at the nearest real
     position before t (after t with reverse=True); zeros if there is none."""
@@ -152,12 +167,7 @@ def _last_real_value(values, mask, reverse=False):
         value, real = inputs
         return ops.where(real[:, None], value, carry), carry
 
-    _, previous = ops.scan(
-        step,
-        ops.zeros_like(values[:, 0]),
-        (_time_major(values), _time_major(mask)),
-        reverse=reverse,
-    )
+    _, previous = _scan_over_time(step, ops.zeros_like(values[:, 0]), (values, mask), reverse=reverse)
     return _time_major(previous)
 
 
@@ -177,11 +187,7 @@ def _chain_forward(emissions, mask, start_fn, pair_fn, reduce_fn):
         alpha = ops.where(real[:, None], new, alpha)
         return alpha, alpha
 
-    _, alphas = ops.scan(
-        step,
-        ops.zeros_like(emissions[:, 0]),
-        (_time_major(emissions), _time_major(mask), _time_major(started)),
-    )
+    _, alphas = _scan_over_time(step, ops.zeros_like(emissions[:, 0]), (emissions, mask, started))
     return _time_major(alphas)
 
 
@@ -200,12 +206,7 @@ def _chain_decode(emissions, mask, start_fn, pair_fn):
         return new_tag, tag
 
     last_tag = ops.cast(ops.argmax(alphas[:, -1], axis=-1), "int32")
-    _, tags = ops.scan(
-        step,
-        last_tag,
-        tuple(map(_time_major, (previous_alpha, emissions, mask, started))),
-        reverse=True,
-    )
+    _, tags = _scan_over_time(step, last_tag, (previous_alpha, emissions, mask, started), reverse=True)
     return ops.where(mask, _time_major(tags), -1)
 
 
