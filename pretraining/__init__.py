@@ -1,0 +1,1 @@
+"""Pretraining scripts (data preparation and the training command); see README.md."""
