@@ -58,7 +58,7 @@ def embed(model, tokenizer, texts, maxlen):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="bert_config.json or HF config.json (default: MiniLM)")
     parser.add_argument("--checkpoint", help="Google ckpt prefix or HF folder (default: MiniLM)")
     parser.add_argument("--vocab", help="vocab.txt (default: MiniLM's)")
@@ -66,6 +66,7 @@ def main():
     parser.add_argument("--maxlen", type=int, default=128)
     parser.add_argument("--query", nargs="*", help="queries (default: built-in examples)")
     parser.add_argument("--candidates", nargs="*", help="candidate sentences")
+    parser.add_argument("--smoke", action="store_true", help="accepted for CI; the default run is already small")
     args = parser.parse_args()
 
     folder = None if (args.config and args.checkpoint and args.vocab) else default_model_folder()
@@ -86,6 +87,9 @@ def main():
         print(f"\n{query}")
         for j in np.argsort(-row):
             print(f"  {row[j]:+.3f}  {candidates[j]}")
+    if not (args.query or args.candidates):  # the built-in query i is about candidate i
+        right = sum(int(np.argmax(row) == i) for i, row in enumerate(similarity))
+        print(f"\nqueries whose best match is the intended sentence: {right}/{len(queries)}")
 
 
 if __name__ == "__main__":
