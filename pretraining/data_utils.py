@@ -159,6 +159,10 @@ class TextEncoder:
 
     A new word starts at a token that is not a `##` continuation and that
     lies in a different segmenter word (jieba) from the previous token.
+
+    >>> encoder = TextEncoder("vocab.txt")  # doctest: +SKIP
+    >>> encoder.encode("我爱北京 unaffable")  # doctest: +SKIP
+    ([..., ...], [True, True, True, False, True, False, False])  # 我|爱|北京|un ##aff ##able
     """
 
     def __init__(self, vocab_path, do_lower_case=True, segmenter="jieba"):
@@ -199,7 +203,11 @@ class TextEncoder:
 
 
 def split_sentences(text):
-    """Pieces of `text` cut after 。！？!?；;… (the punctuation stays attached)."""
+    """Pieces of `text` cut after 。！？!?；;… (the punctuation stays attached).
+
+    >>> split_sentences("你好。再见！")
+    ['你好。', '再见！']
+    """
     return [s for s in _SENTENCE_END.split(text) if s.strip()]
 
 
@@ -371,6 +379,10 @@ def write_tfrecords(files, vocab_path, out_dir, mode="mlm", seq_length=128, num_
     Documents are handed to `workers` processes in chunks of `chunk_size`;
     the records of chunk c go to shard c % num_shards, so the output is the
     same for any number of workers. Returns the metadata dict.
+
+    >>> meta = write_tfrecords(["corpus.txt"], "vocab.txt", "data/mlm", mode="mlm")  # doctest: +SKIP
+    >>> meta["num_records"]  # doctest: +SKIP
+    18408
     """
     import tensorflow as tf
     from tqdm import tqdm
@@ -381,6 +393,9 @@ def write_tfrecords(files, vocab_path, out_dir, mode="mlm", seq_length=128, num_
         raise ValueError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
     if seq_length < 8:
         raise ValueError(f"seq_length must be at least 8, got {seq_length}")
+    for name, value in (("num_shards", num_shards), ("workers", workers), ("chunk_size", chunk_size)):
+        if value < 1:
+            raise ValueError(f"{name} must be at least 1, got {value}")
     missing = [f for f in files if not os.path.isfile(f)]
     if missing:
         raise FileNotFoundError(f"Input file(s) not found: {', '.join(missing)}")
@@ -527,6 +542,9 @@ def target_weights(is_target):
     The weight depends on the row only, so splitting a batch over devices
     (which average their losses) gives the same loss and gradients as one
     device.
+
+    >>> target_weights([[True, False, False, True]]).numpy().tolist()
+    [[2.0, 0.0, 0.0, 2.0]]
     """
     import tensorflow as tf
 
@@ -551,15 +569,19 @@ def load_dataset(data_dir, batch_size, seed=0, start_batch=0, shuffle_buffer=100
     """An endless tf.data stream of ((token_ids, segment_ids), labels, weights).
 
     Epoch e reads the shards in an order seeded by (seed, e), permutes each
-    block of `shuffle_buffer` records with a seed made of (seed, e, block), cuts full batches of `batch_size` rows (the rest of the
-    epoch is dropped) and, in mlm mode, masks batch b with the seed
-    (seed, e * 2**20 + b). The stream is therefore a fixed function of
-    `seed`: `start_batch=k` starts exactly where a stream that has yielded k
-    batches would continue (it skips whole epochs without reading them), which
-    is how an interrupted run resumes without losing or repeating a batch.
+    block of `shuffle_buffer` records with a seed made of (seed, e, block),
+    cuts full batches of `batch_size` rows (the rest of the epoch is dropped)
+    and, in mlm mode, masks batch b with the seed (seed, e * 2**20 + b). The
+    stream is therefore a fixed function of `seed`: `start_batch=k` starts
+    exactly where a stream that has yielded k batches would continue (it
+    skips whole epochs without reading them), which is how an interrupted
+    run resumes without losing or repeating a batch.
 
     labels: the token to predict at each position (mlm: the original token;
     lm/unilm: the next token); weights: see `target_weights`.
+
+    >>> dataset = load_dataset("data/mlm", batch_size=32, seed=0)  # doctest: +SKIP
+    >>> (token_ids, segment_ids), labels, weights = next(iter(dataset))  # doctest: +SKIP
     """
     import tensorflow as tf
 

@@ -268,7 +268,11 @@ def optimizer_class(name):
 
 
 def lr_schedule(steps, warmup_steps, min_lr_ratio):
-    """{update: multiplier}: 0 -> 1 over the warmup, then linear to min_lr_ratio."""
+    """{update: multiplier}: 0 -> 1 over the warmup, then linear to min_lr_ratio.
+
+    >>> lr_schedule(1000, 100, 0.0)
+    {100: 1.0, 1000: 0.0}
+    """
     if warmup_steps >= steps:
         return {max(warmup_steps, 1): 1.0}
     return {warmup_steps: 1.0, steps: min_lr_ratio} if warmup_steps else {0: 1.0, steps: min_lr_ratio}
@@ -304,6 +308,11 @@ class CheckpointManager:
 
     A checkpoint is written under a temporary name and renamed when complete;
     folders without the final name are ignored (and removed) on restart.
+
+    >>> manager = CheckpointManager("runs/tiny/checkpoints", keep=3)  # doctest: +SKIP
+    >>> manager.save(model, {"step": 200, "batches": 200})  # doctest: +SKIP
+    >>> manager.restore(fresh_model, manager.steps()[-1])  # doctest: +SKIP
+    {'step': 200, 'batches': 200}
     """
 
     PREFIX = "step-"

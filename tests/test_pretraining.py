@@ -65,7 +65,8 @@ def test_mlm_records_pack_sentences_and_documents(hand_encoder):
         {"token_ids": [cls] + ids("我", "爱", "北", "京", "天", "安", "门", "。") + [sep],
          "word_ids": [-1, 0, 1, 2, 2, 3, 3, 3, 4, -1]},
         # The second sentence did not fit; the next document follows after a [SEP].
-        {"token_ids": [cls] + ids("我", "爱", "北", "京", "。") + [sep] + ids("un", "##aff", "##able", "hello") + [sep],
+        {"token_ids": [cls] + ids("我", "爱", "北", "京", "。") + [sep]
+         + ids("un", "##aff", "##able", "hello") + [sep],
          "word_ids": [-1, 0, 1, 2, 2, 3, -1, 4, 4, 4, 5, -1]},
     ]
 
@@ -93,7 +94,8 @@ def test_lm_records_pack_a_stream(hand_encoder):
 def test_unilm_records_split_at_boundaries(hand_encoder):
     rng = np.random.default_rng(0)
     (record,) = data_utils.unilm_records(hand_encoder, ["我爱北京。天安门。"], 16, rng)
-    assert record["token_ids"] == ids("[CLS]", "我", "爱", "北", "京", "。", "[SEP]", "天", "安", "门", "。", "[SEP]")
+    assert record["token_ids"] == ids("[CLS]", "我", "爱", "北", "京", "。", "[SEP]",
+                                      "天", "安", "门", "。", "[SEP]")
     assert record["segment_ids"] == [0] * 7 + [1] * 5
     # One sentence: the cut is at a word start (我|爱|北京|天安门), each one drawn.
     cuts = set()
