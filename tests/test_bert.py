@@ -167,6 +167,24 @@ def test_keep_tokens_and_compound_tokens(fixtures_dir):
     assert model.output.shape[-1] == len(keep) + len(compound)
 
 
+def test_compound_tokens_with_chosen_embeddings(fixtures_dir):
+    folder = os.path.join(fixtures_dir, "bert_tiny")
+    state = read_safetensors(os.path.join(folder, "model.safetensors"))
+    table = state["bert.embeddings.word_embeddings.weight"]
+    bias = state["cls.predictions.bias"]
+    vector = np.linspace(-1, 1, table.shape[1]).astype("float32")
+    model = build_transformer_model(folder, folder, with_mlm=True, compound_tokens=[[4], vector])
+    weights = {w.path: keras.ops.convert_to_numpy(w) for w in model.weights}
+    np.testing.assert_allclose(weights["Embedding-Token/embeddings"][-2:], [table[4], vector], rtol=1e-6)
+    # The MLM bias of an explicitly embedded token starts at the mean bias.
+    np.testing.assert_allclose(weights["MLM-Bias/bias"][-2:], [bias[4], bias.mean()], rtol=1e-5)
+
+    with pytest.raises(ValueError, match=r"shape \(3,\).*length %d" % table.shape[1]):
+        build_transformer_model(folder, folder, compound_tokens=[np.ones(3, "float32")])
+    with pytest.raises(ValueError, match="not a list of token ids"):
+        build_transformer_model(folder, folder, compound_tokens=[[len(table)]])
+
+
 def test_lm_application_is_causal(tmp_path):
     model = build_transformer_model(tiny_config(tmp_path), application="lm")
     token_ids, segment_ids = sample_inputs()

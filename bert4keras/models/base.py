@@ -14,7 +14,7 @@ import keras
 import numpy as np
 
 from bert4keras import checkpoints
-from bert4keras.layers import AttentionMask
+from bert4keras.layers import AttentionMask, MultiHeadAttention
 
 APPLICATIONS = ("encoder", "lm", "unilm")
 
@@ -82,7 +82,10 @@ class Transformer:
         self.pad_token_id = pad_token_id or 0
         self.ignore_invalid_weights = ignore_invalid_weights
         if recompute is None:
-            recompute = os.environ.get("RECOMPUTE", "0") not in ("", "0", "false", "False")
+            recompute = os.environ.get("RECOMPUTE", "0")
+            recompute = "attention" if recompute == "attention" else recompute not in ("", "0", "false", "False")
+        if recompute not in (False, True, "attention"):
+            raise ValueError(f"recompute must be False, True or 'attention'; got {recompute!r}.")
         self.recompute = recompute
         self.name = name
         self.layers = {}
@@ -103,7 +106,10 @@ class Transformer:
         name = kwargs.get("name")
         if name not in self.layers:
             if self.recompute and layer is not None and "recompute" in accepted_arguments(layer):
-                kwargs["recompute"] = True
+                # 'attention' recomputes only the attention core of each block
+                # (see MultiHeadAttention); True recomputes every sub-layer.
+                if self.recompute is True or (isinstance(layer, type) and issubclass(layer, MultiHeadAttention)):
+                    kwargs["recompute"] = self.recompute
             self.layers[name] = layer(**kwargs)
         if inputs is None:
             return self.layers[name]
@@ -152,34 +158,52 @@ class Transformer:
         self.model.bert4keras = self
         return self.model
 
+    # -- cached decoding (see bert4keras.generation) -----------------------
+
+    decoding_pad_id = property(lambda self: self.pad_token_id, doc="Token id treated as padding while decoding.")
+    decoding_application = property(lambda self: self.application, doc="'lm' or 'unilm' when decodable.")
+    num_cached_layers = property(lambda self: self.num_hidden_layers, doc="Self-attention layers with a cache.")
+
+    def decoding_inputs(self):
+        """The token inputs of the cached model (before the cache inputs)."""
+        return self.get_inputs()
+
+    def decoding_outputs(self, inputs):
+        """Re-applies the layers on `inputs`; `self.decoding` wires in the cache."""
+        saved_mask, self.attention_mask = self.attention_mask, self.decoding.mask
+        try:
+            x = self.apply_embeddings(inputs)
+            for index in range(self.num_hidden_layers):
+                x = self.apply_main_layers(x, index)
+            return self.apply_final_layers(x)
+        finally:
+            self.attention_mask = saved_mask
+
     def build_cache_model(self, max_length):
         """The incremental-decoding twin of `self.model` (same layers and weights).
 
-        Extra inputs: Cache-Position (batch, t) positions of the new tokens,
-        Cache (batch, layers, 2, max_length, heads, head_size) past keys and
-        values, Cache-Index (batch,) where the new keys go (same for all
-        rows), Cache-Mask (batch, 1, t, max_length). Outputs: the model's
-        output at the last new position and the updated cache. See
-        `bert4keras.generation`.
+        Extra inputs after `decoding_inputs()`: Cache-Position (batch, t)
+        positions of the new tokens, Cache (batch, layers, 2, max_length,
+        heads, head_size) past keys and values, Cache-Index (batch,) where the
+        new keys go (same for all rows), Cache-Mask (batch, 1, t, max_length).
+        Outputs: the model's output at the last new position and the updated
+        cache. See `bert4keras.generation`.
         """
         from bert4keras.generation import DecodingContext
 
         self.build()
-        inputs = self.get_inputs()
+        inputs = self.decoding_inputs()
         positions = keras.Input((None,), dtype="int32", name="Cache-Position")
-        shape = (self.num_hidden_layers, 2, max_length, self.num_attention_heads, self.attention_head_size)
+        shape = (self.num_cached_layers, 2, max_length, self.num_attention_heads, self.attention_head_size)
         cache = keras.Input(shape, name="Cache")
         index = keras.Input((), dtype="int32", name="Cache-Index")
         mask = keras.Input((1, None, max_length), dtype="bool", name="Cache-Mask")
         context = DecodingContext(positions, cache, index[0], mask)
-        saved_mask, self.attention_mask, self.decoding = self.attention_mask, mask, context
+        self.decoding = context
         try:
-            x = self.apply_embeddings(inputs)
-            for index_ in range(self.num_hidden_layers):
-                x = self.apply_main_layers(x, index_)
-            outputs = self.apply_final_layers(x)
+            outputs = self.decoding_outputs(inputs)
         finally:
-            self.attention_mask, self.decoding = saved_mask, None
+            self.decoding = None
         if isinstance(outputs, (list, tuple)):
             raise ValueError("Cached decoding needs a model with a single (LM) output.")
         return keras.Model(
@@ -201,14 +225,38 @@ class Transformer:
             if self.keep_tokens is not None:
                 value = value[np.asarray(self.keep_tokens)]
             if self.compound_tokens is not None:
-                # Ids index the vocabulary after keep_tokens, as in bert4keras; an
-                # item is a list of ids or (ids, weights) for a weighted mean.
-                compound = []
-                for item in self.compound_tokens:
-                    ids, weights = item if isinstance(item, tuple) else (item, None)
-                    compound.append(np.average(value[np.asarray(ids)], axis=0, weights=weights))
-                value = np.concatenate([value, np.stack(compound).astype(value.dtype)], axis=0)
+                rows = [self._compound_row(value, name, item) for item in self.compound_tokens]
+                value = np.concatenate([value, np.stack(rows).astype(value.dtype)], axis=0)
         return value
+
+    @staticmethod
+    def _compound_row(value, name, item):
+        """The new vocabulary row of `value` (checkpoint variable `name`) for one item.
+
+        Ids index the vocabulary after keep_tokens, as in bert4keras. An item
+        is a list of ids (their mean), `(ids, weights)` (a weighted mean), or
+        a float array: the new token's embedding itself. An array sets the
+        rows of variables of that width; vocabulary variables of other shapes
+        (an MLM output bias) get the mean of their rows.
+        """
+        if isinstance(item, np.ndarray) and item.dtype.kind == "f":
+            if value.shape[1:] == item.shape:
+                return item
+            if value.ndim == 1:
+                return value.mean()
+            raise ValueError(
+                f"compound_tokens: an embedding of shape {item.shape} cannot be a new row of "
+                f"{name}, whose rows have shape {value.shape[1:]}; give vectors of "
+                f"length {value.shape[-1]}."
+            )
+        ids, weights = item if isinstance(item, tuple) else (item, None)
+        ids = np.asarray(ids)
+        if ids.size == 0 or ids.dtype.kind not in "iu" or ids.min() < 0 or ids.max() >= len(value):
+            raise ValueError(
+                f"compound_tokens: {item!r} is not a list of token ids below {len(value)}, an "
+                f"(ids, weights) pair or a float embedding vector."
+            )
+        return np.average(value[ids], axis=0, weights=weights)
 
     def save_variable(self, name, value):
         """Inverse of the per-variable transform of `load_variable` (for saving)."""
