@@ -1,6 +1,11 @@
 """Recompute (gradient checkpointing): activation memory and step time.
 
-    KERAS_BACKEND=jax python benchmarks/bench_recompute.py [--layers 12] [--length 512] [--batch 4]
+    KERAS_BACKEND=jax python benchmarks/bench_recompute.py [--layers 12] [--length 512] [--batch 4] \
+        [--modes off,full,attention]
+
+Modes: off; full (`recompute=True`: every attention and feed-forward layer
+keeps only its inputs); attention (`recompute='attention'`: only the
+attention core, scores to weighted sum, is recomputed).
 
 A BERT-base-size encoder (hidden 768, 12 heads, intermediate 3072, vocab
 21128), dropout 0.1, one training step (forward + backward of an MLM-style
@@ -27,6 +32,9 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bert4keras import build_transformer_model  # noqa: E402
+
+
+MODES = {"off": False, "full": True, "attention": "attention"}
 
 
 def build(recompute, args):
@@ -100,30 +108,29 @@ def main():
     parser.add_argument("--length", type=int, default=512)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--one", choices=["0", "1"], help=argparse.SUPPRESS)
+    parser.add_argument("--modes", default="off,full,attention",
+                        help="comma separated: off, full (recompute=True), attention (recompute='attention')")
+    parser.add_argument("--one", choices=list(MODES), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one is not None:
-        print(json.dumps(measure(args.one == "1", args)))
+        print(json.dumps(measure(MODES[args.one], args)))
         return
     print(f"backend {keras.backend.backend()}, keras {keras.__version__}, "
           f"{platform.machine()}, {os.cpu_count()} cores, layers {args.layers}, "
           f"batch {args.batch}, length {args.length}")
     results = {}
-    for recompute in (False, True):
-        command = [sys.executable, __file__, "--one", str(int(recompute)), "--layers", str(args.layers),
+    for mode in args.modes.split(","):
+        command = [sys.executable, __file__, "--one", mode, "--layers", str(args.layers),
                    "--length", str(args.length), "--batch", str(args.batch), "--repeats", str(args.repeats)]
         out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-        results[recompute] = json.loads(out.strip().splitlines()[-1])
-    print("| recompute | XLA temp buffers | peak RSS growth | step time |")
-    print("| --- | --- | --- | --- |")
-    for recompute, (temp, seconds, peak) in results.items():
+        results[mode] = json.loads(out.strip().splitlines()[-1])
+    print("| recompute | XLA temp buffers | peak RSS growth | step time | vs off |")
+    print("| --- | --- | --- | --- | --- |")
+    base = results.get("off")
+    for mode, (temp, seconds, peak) in results.items():
         memory = f"{temp / 2**20:.0f} MiB" if temp is not None else "n/a"
-        print(f"| {recompute} | {memory} | {peak:.0f} MiB | {seconds:.2f} s |")
-    (t0, s0, p0), (t1, s1, p1) = results[False], results[True]
-    if t0 and t1:
-        print(f"XLA temp ratio {t0 / t1:.2f}x; ", end="")
-    print(f"peak RSS ratio {p0 / max(p1, 1):.2f}x; step time {100 * (s1 / s0 - 1):+.0f}%")
-
+        versus = f"{base[2] / max(peak, 1):.2f}x less memory, {100 * (seconds / base[1] - 1):+.0f}% time" if base else ""
+        print(f"| {mode} | {memory} | {peak:.0f} MiB | {seconds:.2f} s | {versus} |")
 
 if __name__ == "__main__":
     main()

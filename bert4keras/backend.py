@@ -147,6 +147,9 @@ def step_mask(valid_keys, index):
     valid_keys: (batch, max_length) boolean, False at padding. The new token
     sees every valid slot up to and including its own.
     """
+    if isinstance(valid_keys, np.ndarray):  # on the host, as the decoding loop holds it: no dispatch
+        upto = np.arange(valid_keys.shape[1]) <= index
+        return np.logical_and(valid_keys, upto)[:, None, None, :]
     max_length = ops.shape(valid_keys)[1]
     upto = ops.less_equal(ops.arange(max_length), index)[None, :]
     return ops.logical_and(valid_keys, upto)[:, None, None, :]

@@ -399,6 +399,11 @@ class MultiHeadAttention(keras.layers.Layer):
     (TensorFlow, JAX) explicit batched matmuls with the same float32 logits
     are faster and used instead.
 
+    recompute (training only): True keeps only the inputs for the backward
+    pass and recomputes the whole layer there; 'attention' keeps the q/k/v
+    projections and recomputes only the attention core (scores, softmax,
+    dropout, weighted sum), the part whose memory grows with length squared.
+
     >>> mha = MultiHeadAttention(heads=2, head_size=4)
     >>> x = ops.ones((1, 3, 8))
     >>> mha([x, x, x]).shape
@@ -474,7 +479,7 @@ class MultiHeadAttention(keras.layers.Layer):
         cache_index=None,
         training=None,
     ):
-        if self.recompute and training and cache is None:
+        if self.recompute is True and training and cache is None:
             # Keep only the inputs for backward; q/k/v, scores and probabilities
             # (the bulk of the activation memory) are recomputed there.
             dropouts = [self.dropout] if self.attention_dropout > 0 else []
@@ -506,7 +511,16 @@ class MultiHeadAttention(keras.layers.Layer):
             start = [0, 0, cache_index, 0, 0]
             cache = ops.slice_update(cache, start, ops.stack([kw, vw], axis=1))
             kw, vw = cache[:, 0], cache[:, 1]
-        outputs, scores = self._attend(qw, kw, vw, attention_mask, training)
+        if self.recompute == "attention" and training and cache is None and not self.return_attention_scores:
+            # Selective recompute: the (heads, q, k) scores, probabilities and
+            # dropout mask, most of a block's activations at long lengths, are
+            # recomputed in backward; that costs ~4 L^2 h FLOPs per block, a
+            # few percent of the step, where recomputing everything costs a forward.
+            dropouts = [self.dropout] if self.attention_dropout > 0 else []
+            run = backend.recompute(lambda q, k, v, mask: self._attend(q, k, v, mask, training)[0], dropouts)
+            outputs, scores = run(qw, kw, vw, attention_mask), None
+        else:
+            outputs, scores = self._attend(qw, kw, vw, attention_mask, training)
         outputs = ops.reshape(outputs, ops.shape(outputs)[:2] + (self.heads * self.head_size,))
         outputs = self.o_dense(outputs)
         result = [outputs]
@@ -860,10 +874,14 @@ class RelativePositionBias(keras.layers.Layer):
             name="embeddings",
         )
 
-    def call(self, inputs, attention_mask=None):
+    def call(self, inputs, attention_mask=None, query_offset=None, key_length=None):
+        # Cached decoding: the queries sit at slots query_offset.. of a cache
+        # of key_length slots (see bert4keras.generation).
         q, k = inputs
-        q_len, k_len = ops.shape(q)[1], ops.shape(k)[1]
-        relative = ops.arange(k_len)[None, :] - ops.arange(q_len)[:, None]
+        q_len = ops.shape(q)[1]
+        k_len = ops.shape(k)[1] if key_length is None else key_length
+        query_slots = ops.arange(q_len) if query_offset is None else ops.arange(q_len) + query_offset
+        relative = ops.arange(k_len)[None, :] - query_slots[:, None]
         buckets = backend.t5_relative_position_buckets(
             relative, self.bidirectional, self.num_buckets, self.max_distance
         )
@@ -873,9 +891,10 @@ class RelativePositionBias(keras.layers.Layer):
             bias = bias + backend.mask_to_bias(attention_mask, bias.dtype)
         return bias
 
-    def compute_output_spec(self, inputs, attention_mask=None):
+    def compute_output_spec(self, inputs, attention_mask=None, query_offset=None, key_length=None):
         batch = 1 if attention_mask is None else attention_mask.shape[0]
-        shape = (batch, self.heads, inputs[0].shape[1], inputs[1].shape[1])
+        k_len = inputs[1].shape[1] if key_length is None else key_length
+        shape = (batch, self.heads, inputs[0].shape[1], k_len)
         return keras.KerasTensor(shape, dtype=self.compute_dtype)
 
     def get_config(self):

@@ -35,10 +35,19 @@ def test_recompute_layers_are_marked():
     assert not any(getattr(l, "recompute", False) for l in tiny(False).layers)
 
 
-def test_recompute_gives_the_same_training_step_with_dropout():
+def test_selective_recompute_marks_attention_only():
+    model = tiny("attention")
+    assert model.get_layer("Transformer-0-MultiHeadSelfAttention").recompute == "attention"
+    assert model.get_layer("Transformer-0-FeedForward").recompute is False
+    with pytest.raises(ValueError, match="recompute must be False, True or 'attention'"):
+        tiny("everything")
+
+
+@pytest.mark.parametrize("mode", [True, "attention"])
+def test_recompute_gives_the_same_training_step_with_dropout(mode):
     """One SGD step (lr 1, so the update is the gradient) in a compiled fit, dropout active."""
     x, y = batch()
-    plain, recomputed = tiny(False), tiny(True)
+    plain, recomputed = tiny(False), tiny(mode)
     for a, b in zip(plain.weights, recomputed.weights):
         np.testing.assert_array_equal(keras.ops.convert_to_numpy(a), keras.ops.convert_to_numpy(b))
     before = [keras.ops.convert_to_numpy(w) for w in plain.weights]
