@@ -17,7 +17,7 @@ import numpy as np
 from keras import ops
 
 from bert4keras import backend
-from bert4keras.layers import MultiHeadAttention, PositionEmbedding
+from bert4keras.layers import MultiHeadAttention, PositionEmbedding, RelativePositionBias
 from bert4keras.snippets import AutoRegressiveDecoder
 
 
@@ -50,10 +50,16 @@ class DecodingContext:
         self.index = index
         self.mask = mask
         self.new_caches = []
+        self.biases = []  # attention biases made here, which already hold the mask
 
     def __call__(self, layer, inputs, arguments):
         if isinstance(layer, PositionEmbedding) and not layer.custom_position_ids:
             return layer(inputs, position_ids=self.positions, **arguments)
+        if isinstance(layer, RelativePositionBias):
+            arguments.update(attention_mask=self.mask, query_offset=self.index, key_length=self.mask.shape[-1])
+            bias = layer(inputs, **arguments)
+            self.biases.append(bias)
+            return bias
         is_self_attention = (
             isinstance(layer, MultiHeadAttention)
             and isinstance(inputs, (list, tuple))
@@ -63,7 +69,9 @@ class DecodingContext:
             if layer.return_attention_scores:
                 raise ValueError(f"{layer.name}: cached decoding cannot return attention scores.")
             slot = len(self.new_caches)
-            arguments.update(cache=self.cache[:, slot], cache_index=self.index, attention_mask=self.mask)
+            given = arguments.get("attention_mask")
+            mask = given if any(given is bias for bias in self.biases) else self.mask
+            arguments.update(cache=self.cache[:, slot], cache_index=self.index, attention_mask=mask)
             outputs, new_cache = _CachedSelfAttention(layer)(inputs, **arguments)
             self.new_caches.append(new_cache)
             return outputs
@@ -88,16 +96,17 @@ def compiled_inference(model):
     if name == "jax":
         import jax
 
-        @jax.jit
-        def run(trainable, non_trainable, inputs):
-            outputs, _ = model.stateless_call(trainable, non_trainable, inputs, training=False)
-            return outputs
+        # Walking the layer tree for the variables costs more than a decoding
+        # step: the list is taken once, the values are read at each call (so
+        # training in between is seen; trainable flags do not matter here).
+        variables = list(model.variables)
 
-        return lambda inputs: run(
-            [v.value for v in model.trainable_variables],
-            [v.value for v in model.non_trainable_variables],
-            inputs,
-        )
+        @jax.jit
+        def run(values, inputs):
+            with keras.StatelessScope(state_mapping=list(zip(variables, values))):
+                return model(inputs, training=False)
+
+        return lambda inputs: run([v.value for v in variables], inputs)
     if name == "torch":
         import torch
 
@@ -119,16 +128,25 @@ class IncrementalModel:
 
     def __init__(self, transformer):
         transformer = getattr(transformer, "bert4keras", transformer)
-        if transformer.application not in ("lm", "unilm"):
+        self.application = transformer.decoding_application
+        if self.application not in ("lm", "unilm"):
             raise ValueError(
                 f"Cached decoding needs application='lm' or 'unilm'; this model is "
                 f"{transformer.application!r}."
             )
         self.transformer = transformer
-        self.pad_id = transformer.pad_token_id
+        self.pad_id = transformer.decoding_pad_id
         self.uses_segments = getattr(transformer, "segment_vocab_size", 0) > 0
+        # Encoder-decoder models (T5): the decoder reads the encoder output.
+        self.encoder = getattr(transformer, "encoder", None)
         self._models = {}
         self._compiled = {}
+
+    def encode(self, token_ids):
+        """The encoder output for a batch of (padded) source ids, as a backend tensor."""
+        if self.encoder not in self._compiled:
+            self._compiled[self.encoder] = compiled_inference(self.encoder)
+        return self._compiled[self.encoder](np.asarray(token_ids, "int32"))
 
     def cache_model(self, max_length):
         if max_length > self.transformer.max_position and not getattr(
@@ -156,8 +174,12 @@ class IncrementalModel:
         # The cache stays a backend tensor between steps: no host copies.
         return ops.convert_to_numpy(scores)[:rows], cache[:rows] if bucket != rows else cache
 
-    def prefill(self, sequences, segments=None, max_length=None):
-        """Runs left-padded prompts; returns (scores at the last position, state)."""
+    def prefill(self, sequences, segments=None, max_length=None, context=None):
+        """Runs left-padded prompts; returns (scores at the last position, state).
+
+        context: the encoder output (`encode`), one row per sequence, for
+        encoder-decoder models.
+        """
         rows = len(sequences)
         length = max(len(s) for s in sequences)
         max_length = max_length or length
@@ -173,15 +195,17 @@ class IncrementalModel:
             if segments is not None:
                 segment_ids[r, length - len(sequence):] = segments[r]
         positions = np.maximum(np.cumsum(valid, axis=1) - 1, 0).astype("int32")
-        application = self.transformer.application
-        mask = ops.convert_to_numpy(backend.prefill_mask(valid, segment_ids, application, max_length))
+        mask = ops.convert_to_numpy(backend.prefill_mask(valid, segment_ids, self.application, max_length))
         t = self.transformer
         cache = np.zeros(
-            (rows, t.num_hidden_layers, 2, max_length, t.num_attention_heads, t.attention_head_size),
+            (rows, t.num_cached_layers, 2, max_length, t.num_attention_heads, t.attention_head_size),
             dtype=keras.backend.standardize_dtype(keras.config.floatx()),
         )
+        if (context is None) != (self.encoder is None):
+            raise ValueError("An encoder-decoder model needs `context` (the encoder output); others take none.")
         model = self.cache_model(max_length)
-        inputs = [token_ids] + ([segment_ids] if self.uses_segments else [])
+        inputs = [] if context is None else [context]
+        inputs += [token_ids] + ([segment_ids] if self.uses_segments else [])
         inputs += [positions, cache, np.zeros(rows, "int32"), mask]
         scores, cache = self._run(model, inputs)
         valid_keys = np.zeros((rows, max_length), dtype=bool)
@@ -192,6 +216,8 @@ class IncrementalModel:
             "position": positions[:, -1],
             "index": np.full(rows, length, dtype="int32"),
         }
+        if context is not None:
+            state["context"] = context
         return scores, state
 
     def step(self, tokens, state, segment_id=0):
@@ -206,13 +232,14 @@ class IncrementalModel:
         # cached model sees exactly what the full model would.
         valid[:, index] = np.asarray(tokens) != self.pad_id
         positions = (state["position"] + 1).astype("int32")
-        mask = ops.convert_to_numpy(backend.step_mask(valid, index))
-        inputs = [np.asarray(tokens, "int32").reshape(rows, 1)]
+        mask = backend.step_mask(valid, index)
+        inputs = [state["context"]] if "context" in state else []
+        inputs.append(np.asarray(tokens, "int32").reshape(rows, 1))
         if self.uses_segments:
             inputs.append(np.full((rows, 1), segment_id, dtype="int32"))
         inputs += [positions[:, None], state["cache"], state["index"], mask]
         scores, cache = self._run(self.cache_model(max_length), inputs)
-        new_state = {"cache": cache, "valid": valid, "position": positions, "index": state["index"] + 1}
+        new_state = dict(state, cache=cache, valid=valid, position=positions, index=state["index"] + 1)
         return scores, new_state
 
 
@@ -224,13 +251,21 @@ class CachedDecoder(AutoRegressiveDecoder):
     tokens get segment 1). Generated tokens continue the prompt. The model's
     output must be next-token probabilities (with_mlm=True) or logits
     (with_mlm='linear').
+
+    T5 (encoder-decoder): inputs are `[source_ids]`, encoded once; the
+    decoder starts from `start_id` (T5's decoder start id, 0) and only its
+    self-attention is cached (cross-attention reads the encoder output).
     """
 
     def __init__(self, model, start_id, end_id, maxlen, minlen=1, length_bucket=64):
         super().__init__(start_id, end_id, maxlen, minlen)
         self.incremental = IncrementalModel(model)
-        self.outputs_logits = getattr(self.incremental.transformer, "with_mlm", None) == "linear"
+        transformer = self.incremental.transformer
+        output = getattr(transformer, "with_mlm", None) or getattr(transformer, "with_lm", None)
+        self.outputs_logits = output == "linear"
         self.length_bucket = length_bucket
+        if self.incremental.encoder is not None and start_id is None:
+            raise ValueError("An encoder-decoder model decodes from a start token: give start_id (0 for T5).")
 
     def _to_log_probs(self, scores):
         if self.outputs_logits:
@@ -239,8 +274,15 @@ class CachedDecoder(AutoRegressiveDecoder):
 
     @AutoRegressiveDecoder.wraps(default_rtype="logits", use_states=True)
     def predict(self, inputs, output_ids, states):
-        segment_id = 1 if self.incremental.transformer.application == "unilm" else 0
-        if states is None:
+        segment_id = 1 if self.incremental.application == "unilm" else 0
+        if states is None and self.incremental.encoder is not None:
+            # Encoder-decoder: inputs[0] is the source; the decoder starts from output_ids.
+            context = self.incremental.encode(inputs[0])
+            sequences = [np.asarray(row, "int32") for row in output_ids]
+            scores, state = self.incremental.prefill(
+                sequences, None, self._cache_length(sequences), context=context
+            )
+        elif states is None:
             sequences, segments = [], []
             for r in range(len(output_ids)):
                 prompt = np.asarray(inputs[0][r])
@@ -252,13 +294,15 @@ class CachedDecoder(AutoRegressiveDecoder):
                 else:
                     seg = np.zeros(len(prompt), "int32")
                 segments.append(np.concatenate([seg, np.full(len(output_ids[r]), segment_id)]))
-            needed = max(len(s) for s in sequences) + self.maxlen
-            bucket = self.length_bucket
-            max_length = -(-needed // bucket) * bucket
-            limit = self.incremental.transformer.max_position
-            if max_length > limit >= needed:
-                max_length = limit
-            scores, state = self.incremental.prefill(sequences, segments, max_length)
+            scores, state = self.incremental.prefill(sequences, segments, self._cache_length(sequences))
         else:
             scores, state = self.incremental.step(output_ids[:, -1], states, segment_id)
         return self._to_log_probs(scores), state
+
+    def _cache_length(self, sequences):
+        """Cache slots for these prompts plus maxlen new tokens, rounded up to
+        a multiple of length_bucket (fewer compiled shapes)."""
+        needed = max(len(s) for s in sequences) + self.maxlen
+        max_length = -(-needed // self.length_bucket) * self.length_bucket
+        limit = self.incremental.transformer.max_position
+        return limit if max_length > limit >= needed else max_length

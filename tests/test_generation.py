@@ -111,3 +111,40 @@ def test_gpt2_batch_with_real_token_zero_matches_one_by_one():
     batched = decoder.beam_search_batch([[np.array(p)] for p in prompts], topk=2, pad_value=-1)
     for prompt, got in zip(prompts, batched):
         np.testing.assert_array_equal(got, decoder.beam_search([np.array(prompt)], topk=2))
+
+
+class T5FullPrefixDecoder(AutoRegressiveDecoder):
+    """The T5 reference: re-runs encoder and decoder over the whole output at every step."""
+
+    def __init__(self, t5, **kwargs):
+        super().__init__(**kwargs)
+        self.run = compiled_inference(t5.model)
+
+    @AutoRegressiveDecoder.wraps(default_rtype="probas")
+    def predict(self, inputs, output_ids, states):
+        probas = keras.ops.convert_to_numpy(self.run([np.asarray(inputs[0], "int32"), output_ids.astype("int32")]))
+        return probas[:, -1]
+
+
+@pytest.mark.filterwarnings("ignore:You are using a softmax over axis -1")  # the reference's first step
+@pytest.mark.parametrize("version", ["t5.1.0", "t5.1.1"])
+def test_t5_cached_decoding_equals_full_recomputation(version):
+    keras.utils.set_random_seed(2)
+    t5 = build_transformer_model(
+        model=version, vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2, num_decoder_layers=3,
+        num_attention_heads=2, intermediate_size=24, relative_attention_num_buckets=8,
+        relative_attention_max_distance=16, initializer_range=0.5, return_keras_model=False,
+    )
+    cached = CachedDecoder(t5, start_id=0, end_id=END, maxlen=7)
+    full = T5FullPrefixDecoder(t5, start_id=0, end_id=END, maxlen=7)
+    sources = [[np.array(p)] for p in PROMPTS]  # different lengths: padded sources in the batch
+    for topk in (1, 3):
+        got = cached.beam_search_batch(sources, topk=topk)
+        for source, g in zip(sources, got):
+            np.testing.assert_array_equal(g, full.beam_search(source, topk=topk))
+    a = cached.random_sample(sources[0], n=3, topk=5, seed=1)
+    b = full.random_sample(sources[0], n=3, topk=5, seed=1)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)
+    with pytest.raises(ValueError, match="give start_id"):
+        CachedDecoder(t5, start_id=None, end_id=END, maxlen=7)

@@ -281,6 +281,22 @@ class T5(Transformer):
             name="Decoder-Output-LM-Activation",
         )
 
+    # -- cached decoding ---------------------------------------------------
+
+    # The decoder is causal with no padding id (0 is its start token), and
+    # only its self-attention layers are cached; cross-attention reads the
+    # encoder output, given as an input at every step.
+    decoding_pad_id = -1
+    decoding_application = "lm"
+    num_cached_layers = property(lambda self: self.num_decoder_layers)
+
+    def decoding_inputs(self):
+        context = keras.Input((None, self.hidden_size), name="Input-Context")
+        return [context, keras.Input((None,), dtype="int32", name="Decoder-Input-Token")]
+
+    def decoding_outputs(self, inputs):
+        return self.apply_decoder(*inputs)
+
     # -- checkpoint names ------------------------------------------------
 
     def _norm_names(self):
