@@ -247,6 +247,15 @@ class _FixedSeed(keras.random.SeedGenerator):
         return self._fixed
 
 
+def normalize_recompute(value):
+    """A recompute setting as False, True or 'attention' (see MultiHeadAttention)."""
+    if isinstance(value, str):
+        if value != "attention":
+            raise ValueError(f"recompute must be False, True or 'attention'; got {value!r}.")
+        return value
+    return bool(value)
+
+
 def recompute(function, dropout_layers=()):
     """Wraps `function(*tensors)` so its activations are recomputed in backward.
 

@@ -1,4 +1,4 @@
-"""Cached (incremental) decoding for LM and UniLM models.
+"""Cached (incremental) decoding for LM, UniLM and encoder-decoder (T5) models.
 
 `CachedDecoder` is an `AutoRegressiveDecoder` (bert4keras's beam search and
 sampling, see `bert4keras.snippets`) whose `predict` runs the prompt once and
@@ -10,7 +10,8 @@ instead of re-running the whole prefix at every step.
 
 Prompts of a batch are left-padded so that every row writes its new keys into
 the same cache slot; positions are counted from each row's first real token,
-so results equal those of the unpadded prompt.
+so results equal those of the unpadded prompt. For T5 the source is encoded
+once and the decoder's self-attention is cached.
 """
 import keras
 import numpy as np
@@ -106,7 +107,9 @@ def compiled_inference(model):
             with keras.StatelessScope(state_mapping=list(zip(variables, values))):
                 return model(inputs, training=False)
 
-        return lambda inputs: run([v.value for v in variables], inputs)
+        runner = lambda inputs: run([v.value for v in variables], inputs)  # noqa: E731
+        runner.stale = lambda: len(model.variables) != len(variables)  # LoRA, quantization
+        return runner
     if name == "torch":
         import torch
 
@@ -119,15 +122,17 @@ def compiled_inference(model):
 
 
 class IncrementalModel:
-    """Prompt pass and single-token steps of an LM/UniLM Transformer, with a cache.
+    """Prompt pass and single-token steps of a Transformer, with a cache.
 
     transformer: the object `build_transformer_model(..., return_keras_model=
     False)` returns (or its keras model), built with application 'lm' or
-    'unilm' and a single LM output (e.g. with_mlm=True).
+    'unilm' and a single LM output (e.g. with_mlm=True), or a T5 with its LM
+    head (with_lm=True or 'linear').
     """
 
     def __init__(self, transformer):
         transformer = getattr(transformer, "bert4keras", transformer)
+        transformer.build()
         self.application = transformer.decoding_application
         if self.application not in ("lm", "unilm"):
             raise ValueError(
@@ -142,19 +147,25 @@ class IncrementalModel:
         self._models = {}
         self._compiled = {}
 
+    def _compiled_for(self, model):
+        runner = self._compiled.get(model)
+        if runner is None or getattr(runner, "stale", lambda: False)():
+            runner = self._compiled[model] = compiled_inference(model)
+        return runner
+
     def encode(self, token_ids):
         """The encoder output for a batch of (padded) source ids, as a backend tensor."""
-        if self.encoder not in self._compiled:
-            self._compiled[self.encoder] = compiled_inference(self.encoder)
-        return self._compiled[self.encoder](np.asarray(token_ids, "int32"))
+        token_ids = np.asarray(token_ids, "int32")
+        # Negative fill values (pad_value=-1, as GPT-2 needs) mean padding here too.
+        token_ids = np.where(token_ids < 0, self.transformer.pad_token_id, token_ids)
+        return self._compiled_for(self.encoder)(token_ids)
 
     def cache_model(self, max_length):
-        if max_length > self.transformer.max_position and not getattr(
-            self.transformer, "hierarchical_position", None
-        ):
+        limit = self.transformer.decoding_max_length
+        if limit is not None and max_length > limit:
             raise ValueError(
                 f"Decoding would need {max_length} positions but the model has "
-                f"max_position={self.transformer.max_position}; lower maxlen or shorten the prompt."
+                f"max_position={limit}; lower maxlen or shorten the prompt."
             )
         if max_length not in self._models:
             model = self.transformer.build_cache_model(max_length)
@@ -162,15 +173,13 @@ class IncrementalModel:
         return self._models[max_length]
 
     def _run(self, model, inputs):
-        if model not in self._compiled:
-            self._compiled[model] = compiled_inference(model)
         # Rows are padded up to a power of two: beam search drops finished rows,
         # and every new row count would otherwise compile the step again.
         rows = len(inputs[0])
         bucket = 1 << max(rows - 1, 0).bit_length()
         if bucket != rows:
             inputs = [ops.concatenate([x, ops.repeat(x[-1:], bucket - rows, axis=0)], axis=0) for x in inputs]
-        scores, cache = self._compiled[model](inputs)
+        scores, cache = self._compiled_for(model)(inputs)
         # The cache stays a backend tensor between steps: no host copies.
         return ops.convert_to_numpy(scores)[:rows], cache[:rows] if bucket != rows else cache
 
@@ -262,6 +271,9 @@ class CachedDecoder(AutoRegressiveDecoder):
         self.incremental = IncrementalModel(model)
         transformer = self.incremental.transformer
         output = getattr(transformer, "with_mlm", None) or getattr(transformer, "with_lm", None)
+        if not output:
+            raise ValueError("Cached decoding needs the model's LM output: build it with with_mlm=True "
+                             "(or 'linear'; T5: with_lm=True or 'linear').")
         self.outputs_logits = output == "linear"
         self.length_bucket = length_bucket
         if self.incremental.encoder is not None and start_id is None:
@@ -304,5 +316,5 @@ class CachedDecoder(AutoRegressiveDecoder):
         a multiple of length_bucket (fewer compiled shapes)."""
         needed = max(len(s) for s in sequences) + self.maxlen
         max_length = -(-needed // self.length_bucket) * self.length_bucket
-        limit = self.incremental.transformer.max_position
-        return limit if max_length > limit >= needed else max_length
+        limit = self.incremental.transformer.decoding_max_length
+        return limit if limit is not None and max_length > limit >= needed else max_length

@@ -426,7 +426,7 @@ class MultiHeadAttention(keras.layers.Layer):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        self.recompute = recompute
+        self.recompute = backend.normalize_recompute(recompute)
         if position_encoding not in (None, "rotary"):
             raise ValueError(
                 f"Unknown position_encoding {position_encoding!r}; valid: None, 'rotary'."
@@ -613,7 +613,7 @@ class FeedForward(keras.layers.Layer):
         self, units, activation="relu", use_bias=True, kernel_initializer="glorot_uniform", recompute=False, **kwargs
     ):
         super().__init__(**kwargs)
-        self.recompute = recompute
+        self.recompute = backend.normalize_recompute(recompute)
         self.units = units
         self.activation = activation if isinstance(activation, (list, tuple)) else [activation]
         self.activation = [backend.activation_name(a) for a in self.activation]
@@ -641,7 +641,7 @@ class FeedForward(keras.layers.Layer):
         self.o_dense.build(tuple(input_shape[:-1]) + (self.units,))
 
     def call(self, inputs, training=None):
-        if self.recompute and training:
+        if self.recompute is True and training:  # 'attention' concerns attention layers only
             return backend.recompute(self._forward)(inputs)
         return self._forward(inputs)
 

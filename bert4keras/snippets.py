@@ -936,6 +936,8 @@ def gather_states(states, indices):
     indices = np.asarray(indices, dtype=np.int64)
     if isinstance(states, np.ndarray):
         return states[indices] if states.ndim else states
+    if len(states.shape) == 0:
+        return states
     if states.shape[0] == len(indices) and np.array_equal(indices, np.arange(len(indices))):
         return states  # every row kept in place (greedy search): no copy of a device tensor
     from keras import ops

@@ -51,7 +51,9 @@ def parse_args():
     parser.add_argument("--grad-accum-steps", type=int, default=1, help="batches per update (1: no accumulation)")
     parser.add_argument("--ema", type=float, default=None, help="EMA momentum, e.g. 0.99 (default: no EMA)")
     parser.add_argument("--adversarial", type=float, default=None, help="FGM epsilon, e.g. 0.5 (default: off)")
-    parser.add_argument("--recompute", action="store_true", help="recompute activations in the backward pass")
+    parser.add_argument("--recompute", nargs="?", const="full", choices=("full", "attention"),
+                        help="recompute activations in the backward pass: full (the default when the flag is "
+                             "given) or attention (the attention core only)")
     parser.add_argument("--train-size", type=int, default=4000)
     parser.add_argument("--maxlen", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=32)
@@ -83,7 +85,8 @@ def main():
     ]
 
     extra = {} if args.layers is None else {"num_hidden_layers": args.layers}
-    bert = build_transformer_model(config, checkpoint, recompute=args.recompute, **extra)
+    recompute = {"full": True, "attention": "attention"}.get(args.recompute)  # None: RECOMPUTE variable
+    bert = build_transformer_model(config, checkpoint, recompute=recompute, **extra)
     x = GlobalAveragePooling1D()([bert.output, bert.inputs[0]])
     x = keras.layers.Dropout(0.1)(x)
     model = keras.Model(bert.inputs, keras.layers.Dense(2, activation="softmax")(x))

@@ -67,7 +67,9 @@ def parse_args(argv=None):
     add("--weight-decay", type=float, default=0.01, help="decoupled decay (not on Norm and bias weights)")
     add("--clip-norm", type=float, default=1.0, help="global gradient-norm clipping (0: none)")
     add("--mixed-precision", choices=("none", "bfloat16", "float16"), default="none")
-    add("--recompute", action="store_true", help="recompute activations in the backward pass (saves memory)")
+    add("--recompute", nargs="?", const="full", choices=("full", "attention"),
+        help="recompute activations in the backward pass (saves memory): full, or attention (the "
+             "attention core only); default: the RECOMPUTE environment variable")
     add("--strategy", choices=tuple(STRATEGIES), default="single",
         help="; ".join(f"{k}: {v}" for k, v in STRATEGIES.items()))
     add("--tpu", help="TPU name or grpc:// address for --strategy tpu")
@@ -242,7 +244,7 @@ def build_model(args, meta):
                          f"than the records' seq_length {meta['seq_length']}.")
     kwargs = {head: "linear", "return_keras_model": False, "vocab_size": meta["vocab_size"]}
     if "recompute" in accepted:
-        kwargs["recompute"] = args.recompute
+        kwargs["recompute"] = {"full": True, "attention": "attention"}.get(args.recompute)  # None: RECOMPUTE
     return build_transformer_model(args.config, args.init_checkpoint, model=args.model,
                                    application=_APPLICATIONS[meta["mode"]], **kwargs)
 

@@ -41,6 +41,7 @@ def test_selective_recompute_marks_attention_only():
     assert model.get_layer("Transformer-0-FeedForward").recompute is False
     with pytest.raises(ValueError, match="recompute must be False, True or 'attention'"):
         tiny("everything")
+    assert tiny(1).get_layer("Transformer-0-FeedForward").recompute is True  # truthy means full
 
 
 @pytest.mark.parametrize("mode", [True, "attention"])

@@ -124,6 +124,18 @@ def load_t5(config, checkpoint, model, with_lm):
     return build_transformer_model(config, checkpoint, model=model, with_lm=with_lm, return_keras_model=False)
 
 
+def test_t5_new_token_vector_sets_the_input_embedding_only():
+    folder = T5_DIRS["t5.1.1"]
+    state = read_safetensors(os.path.join(folder, "model.safetensors"))
+    shared, head = state["shared.weight"], state["lm_head.weight"]
+    vector = np.linspace(-1, 1, shared.shape[1]).astype("float32")
+    t5 = build_transformer_model(folder, folder, model="t5", compound_tokens=[vector], return_keras_model=False)
+    weights = {w.path: keras.ops.convert_to_numpy(w) for w in t5.model.weights}
+    np.testing.assert_allclose(weights["Embedding-Token/embeddings"][-1], vector, rtol=1e-6)
+    # The untied LM head's new row is the mean output row, not the input vector.
+    np.testing.assert_allclose(weights["Decoder-Output-LM/kernel"][:, -1], head.mean(0), rtol=1e-5, atol=1e-7)
+
+
 def check_t5(config, checkpoint, model, data):
     ids, mask = data["input_ids"], data["attention_mask"]
     dec_ids, dec_mask = data["decoder_input_ids"], data["decoder_attention_mask"]

@@ -13,7 +13,7 @@ import os
 import keras
 import numpy as np
 
-from bert4keras import checkpoints
+from bert4keras import backend, checkpoints
 from bert4keras.layers import AttentionMask, MultiHeadAttention
 
 APPLICATIONS = ("encoder", "lm", "unilm")
@@ -84,9 +84,7 @@ class Transformer:
         if recompute is None:
             recompute = os.environ.get("RECOMPUTE", "0")
             recompute = "attention" if recompute == "attention" else recompute not in ("", "0", "false", "False")
-        if recompute not in (False, True, "attention"):
-            raise ValueError(f"recompute must be False, True or 'attention'; got {recompute!r}.")
-        self.recompute = recompute
+        self.recompute = backend.normalize_recompute(recompute)
         self.name = name
         self.layers = {}
         self.model = None
@@ -164,6 +162,11 @@ class Transformer:
     decoding_application = property(lambda self: self.application, doc="'lm' or 'unilm' when decodable.")
     num_cached_layers = property(lambda self: self.num_hidden_layers, doc="Self-attention layers with a cache.")
 
+    @property
+    def decoding_max_length(self):
+        """The most positions a cached decode may use (None: no limit)."""
+        return None if getattr(self, "hierarchical_position", None) else self.max_position
+
     def decoding_inputs(self):
         """The token inputs of the cached model (before the cache inputs)."""
         return self.get_inputs()
@@ -225,27 +228,29 @@ class Transformer:
             if self.keep_tokens is not None:
                 value = value[np.asarray(self.keep_tokens)]
             if self.compound_tokens is not None:
-                rows = [self._compound_row(value, name, item) for item in self.compound_tokens]
+                output_side = name in self.output_vocab_variables()
+                rows = [self._compound_row(value, name, item, output_side) for item in self.compound_tokens]
                 value = np.concatenate([value, np.stack(rows).astype(value.dtype)], axis=0)
         return value
 
     @staticmethod
-    def _compound_row(value, name, item):
+    def _compound_row(value, name, item, output_side=False):
         """The new vocabulary row of `value` (checkpoint variable `name`) for one item.
 
         Ids index the vocabulary after keep_tokens, as in bert4keras. An item
         is a list of ids (their mean), `(ids, weights)` (a weighted mean), or
-        a float array: the new token's embedding itself. An array sets the
-        rows of variables of that width; vocabulary variables of other shapes
-        (an MLM output bias) get the mean of their rows.
+        a float vector: the new token's embedding itself. A vector sets the
+        rows of input embeddings of that width; output-side variables (an MLM
+        bias, an untied LM head) get the mean of their rows.
         """
-        if isinstance(item, np.ndarray) and item.dtype.kind == "f":
-            if value.shape[1:] == item.shape:
-                return item
-            if value.ndim == 1:
-                return value.mean()
+        vector = None if isinstance(item, tuple) else np.asarray(item)
+        if vector is not None and vector.dtype.kind == "f":
+            if output_side or value.ndim == 1:
+                return value.mean(axis=0)
+            if value.shape[1:] == vector.shape:
+                return vector
             raise ValueError(
-                f"compound_tokens: an embedding of shape {item.shape} cannot be a new row of "
+                f"compound_tokens: an embedding of shape {vector.shape} cannot be a new row of "
                 f"{name}, whose rows have shape {value.shape[1:]}; give vectors of "
                 f"length {value.shape[-1]}."
             )
@@ -264,6 +269,10 @@ class Transformer:
 
     def vocab_variables(self):
         """Checkpoint names whose first axis is the vocabulary."""
+        return ()
+
+    def output_vocab_variables(self):
+        """The vocab_variables of an output layer only (not an input embedding)."""
         return ()
 
     def open_checkpoint(self, checkpoint_path):

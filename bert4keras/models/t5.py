@@ -354,6 +354,9 @@ class T5(Transformer):
     def vocab_variables(self):
         return ("shared/embedding", "decoder/logits/kernel")
 
+    def output_vocab_variables(self):
+        return ("decoder/logits/kernel",)
+
     def load_variable(self, checkpoint, name):
         if name == "decoder/logits/kernel":
             # The vocabulary is the second axis here; keep_tokens works on the first.
