@@ -11,8 +11,9 @@ character offsets are both right.
     python examples/cws_crf.py --smoke    # tiny end-to-end run (CI)
     python examples/cws_crf.py --text "他来到了网易杭研大厦"
 
-The held-out paragraphs are the same as in the NER examples. A full run
-(defaults) result: see examples/README.md.
+The held-out paragraphs are the same as in the NER examples. The default
+run reached word F1 84.92% (precision 84.59%, recall 85.25%) on a 2-core CPU
+in about 10 minutes (2026-12-03; examples/README.md).
 """
 import argparse
 import os
