@@ -13,7 +13,9 @@ trivial answer "one 。 at the end".
     python examples/unilm_punctuation.py --smoke    # tiny end-to-end run (CI)
     python examples/unilm_punctuation.py --text "新华社北京一月五日电国务院总理李鹏今天会见了外宾"
 
-A full run (defaults) result: see examples/README.md.
+The default run does not work yet: measured on 2026-12-03 it reached
+punctuation F1 6.40% (the trivial answer gets 56.10%) and took 28 minutes on
+2 shared cores; see examples/README.md.
 """
 import argparse
 import os
