@@ -147,9 +147,10 @@ class IncrementalModel:
         self._models = {}
         self._compiled = {}
 
-    def _compiled_for(self, model):
+    def _compiled_for(self, model, check_stale=True):
+        # The staleness check walks the layer tree: once per prompt, not per token.
         runner = self._compiled.get(model)
-        if runner is None or getattr(runner, "stale", lambda: False)():
+        if runner is None or (check_stale and getattr(runner, "stale", lambda: False)()):
             runner = self._compiled[model] = compiled_inference(model)
         return runner
 
@@ -172,14 +173,14 @@ class IncrementalModel:
             self._models[max_length] = model
         return self._models[max_length]
 
-    def _run(self, model, inputs):
+    def _run(self, model, inputs, check_stale=False):
         # Rows are padded up to a power of two: beam search drops finished rows,
         # and every new row count would otherwise compile the step again.
         rows = len(inputs[0])
         bucket = 1 << max(rows - 1, 0).bit_length()
         if bucket != rows:
             inputs = [ops.concatenate([x, ops.repeat(x[-1:], bucket - rows, axis=0)], axis=0) for x in inputs]
-        scores, cache = self._compiled_for(model)(inputs)
+        scores, cache = self._compiled_for(model, check_stale)(inputs)
         # The cache stays a backend tensor between steps: no host copies.
         return ops.convert_to_numpy(scores)[:rows], cache[:rows] if bucket != rows else cache
 
@@ -216,7 +217,7 @@ class IncrementalModel:
         inputs = [] if context is None else [context]
         inputs += [token_ids] + ([segment_ids] if self.uses_segments else [])
         inputs += [positions, cache, np.zeros(rows, "int32"), mask]
-        scores, cache = self._run(model, inputs)
+        scores, cache = self._run(model, inputs, check_stale=True)
         valid_keys = np.zeros((rows, max_length), dtype=bool)
         valid_keys[:, :length] = valid
         state = {
