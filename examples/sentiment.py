@@ -7,7 +7,7 @@ pooling over real tokens, a softmax layer. Prints the test accuracy next to a
 TF-IDF character-bigram logistic regression trained on the same split, and
 saves the model (`keras.models.load_model(path)` after `import bert4keras`).
 
-    python examples/sentiment.py                 # default run, 10-16 min on 2 CPU cores
+    python examples/sentiment.py                 # default run, 16 min on a 2-core AVX2 CPU
     python examples/sentiment.py --smoke         # tiny end-to-end run (CI)
     python examples/sentiment.py --config bert_config.json \\
         --checkpoint bert_model.ckpt --vocab vocab.txt   # any BERT checkpoint
