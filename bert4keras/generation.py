@@ -43,14 +43,17 @@ class _CachedSelfAttention(keras.layers.Layer):
 
 
 class DecodingContext:
-    """Re-applies a Transformer's layers with the cache wired in (see `Transformer.apply`)."""
+    """Re-applies a Transformer's layers with the cache wired in (see `Transformer.apply`).
+
+    cache: one (keys, values) pair per self-attention layer, in call order.
+    """
 
     def __init__(self, positions, cache, index, mask):
         self.positions = positions
         self.cache = cache
         self.index = index
         self.mask = mask
-        self.new_caches = []
+        self.updated = []  # (keys, values) of each cached layer, written
         self.biases = []  # attention biases made here, which already hold the mask
 
     def __call__(self, layer, inputs, arguments):
@@ -67,27 +70,26 @@ class DecodingContext:
             and inputs[0] is inputs[1]
         )
         if is_self_attention:
-            if layer.return_attention_scores:
-                raise ValueError(f"{layer.name}: cached decoding cannot return attention scores.")
-            slot = len(self.new_caches)
+            slot = len(self.updated)
             given = arguments.get("attention_mask")
             mask = given if any(given is bias for bias in self.biases) else self.mask
-            arguments.update(cache=self.cache[:, slot], cache_index=self.index, attention_mask=mask)
-            outputs, new_cache = _CachedSelfAttention(layer)(inputs, **arguments)
-            self.new_caches.append(new_cache)
+            arguments.update(cache=self.cache[slot], cache_index=self.index, attention_mask=mask)
+            outputs, keys, values = _CachedSelfAttention(layer)(inputs, **arguments)
+            self.updated.append((keys, values))
             return outputs
         return layer(inputs, **arguments)
 
-    def stacked_cache(self):
-        return ops.stack(self.new_caches, axis=1)
 
-
-def compiled_inference(model):
+def compiled_inference(model, donate_inputs=()):
     """`model(inputs, training=False)` compiled once per input shape.
 
     Keras' predict_on_batch rebuilds a data adapter on every call, which
     costs more than a decoding step itself; this calls the backend's
     compiler directly (tf.function, jax.jit; eager on PyTorch).
+
+    donate_inputs: on JAX, the positions of inputs whose buffers the call
+    may reuse for its outputs (the decoding cache, updated in place); the
+    caller must not read those inputs again.
     """
     name = backend.backend_name()
     if name == "tensorflow":
@@ -100,20 +102,36 @@ def compiled_inference(model):
         # Walking the layer tree for the variables costs more than a decoding
         # step: the list is taken once, the values are read at each call (so
         # training in between is seen; trainable flags do not matter here).
+        # `_value` is the stored array; the public `value` goes through
+        # autocast-scope checks that cost ~1.8 ms per call for a 6-layer model.
         variables = list(model.variables)
+        read = (lambda v: v._value) if all(hasattr(v, "_value") for v in variables) else (lambda v: v.value)
+        donate = sorted(donate_inputs)
 
-        @jax.jit
-        def run(values, inputs):
+        def call(values, kept, donated):
+            inputs = list(kept)
+            for position, value in zip(donate, donated):
+                inputs.insert(position, value)
             with keras.StatelessScope(state_mapping=list(zip(variables, values))):
                 return model(inputs, training=False)
 
-        runner = lambda inputs: run([v.value for v in variables], inputs)  # noqa: E731
+        run = jax.jit(call, donate_argnums=(2,) if donate else ())
+
+        def runner(inputs):
+            if not isinstance(inputs, (list, tuple)):
+                inputs = [inputs]
+            kept = [x for i, x in enumerate(inputs) if i not in donate]
+            return run([read(v) for v in variables], kept, [inputs[i] for i in donate])
+
         runner.stale = lambda: len(model.variables) != len(variables)  # LoRA, quantization
         return runner
     if name == "torch":
         import torch
 
         def run(inputs):
+            # Keras on PyTorch refuses a mix of numpy arrays and tensors (the cache).
+            if isinstance(inputs, (list, tuple)):
+                inputs = [ops.convert_to_tensor(x) for x in inputs]
             with torch.no_grad():
                 return model(inputs, training=False)
 
@@ -128,6 +146,11 @@ class IncrementalModel:
     False)` returns (or its keras model), built with application 'lm' or
     'unilm' and a single LM output (e.g. with_mlm=True), or a T5 with its LM
     head (with_lm=True or 'linear').
+
+    Each self-attention layer's keys and values live in their own
+    (rows, heads, max_length, head_size) arrays, written in place: on JAX
+    `prefill` and `step` donate the cache arrays they are given, so a state
+    must not be stepped twice (continue from the state a call returns).
     """
 
     def __init__(self, transformer):
@@ -151,7 +174,9 @@ class IncrementalModel:
         # The staleness check walks the layer tree: once per prompt, not per token.
         runner = self._compiled.get(model)
         if runner is None or (check_stale and getattr(runner, "stale", lambda: False)()):
-            runner = self._compiled[model] = compiled_inference(model)
+            # The cache (inputs of cache models only) is updated in place.
+            donate = [i for i, x in enumerate(model.inputs) if x.name.startswith("Cache-Layer")]
+            runner = self._compiled[model] = compiled_inference(model, donate_inputs=donate)
         return runner
 
     def encode(self, token_ids):
@@ -180,9 +205,11 @@ class IncrementalModel:
         bucket = 1 << max(rows - 1, 0).bit_length()
         if bucket != rows:
             inputs = [ops.concatenate([x, ops.repeat(x[-1:], bucket - rows, axis=0)], axis=0) for x in inputs]
-        scores, cache = self._compiled_for(model, check_stale)(inputs)
-        # The cache stays a backend tensor between steps: no host copies.
-        return ops.convert_to_numpy(scores)[:rows], cache[:rows] if bucket != rows else cache
+        scores, *cache = self._compiled_for(model, check_stale)(inputs)
+        # The cache stays in backend tensors between steps: no host copies.
+        if bucket != rows:
+            cache = [c[:rows] for c in cache]
+        return ops.convert_to_numpy(scores)[:rows], cache
 
     def prefill(self, sequences, segments=None, max_length=None, context=None):
         """Runs left-padded prompts; returns (scores at the last position, state).
@@ -207,16 +234,15 @@ class IncrementalModel:
         positions = np.maximum(np.cumsum(valid, axis=1) - 1, 0).astype("int32")
         mask = ops.convert_to_numpy(backend.prefill_mask(valid, segment_ids, self.application, max_length))
         t = self.transformer
-        cache = np.zeros(
-            (rows, t.num_cached_layers, 2, max_length, t.num_attention_heads, t.attention_head_size),
-            dtype=keras.backend.standardize_dtype(keras.config.floatx()),
-        )
+        shape = (rows, t.num_attention_heads, max_length, t.attention_head_size)
+        dtype = keras.backend.standardize_dtype(keras.config.floatx())
+        cache = [np.zeros(shape, dtype) for _ in range(2 * t.num_cached_layers)]  # keys, values per layer
         if (context is None) != (self.encoder is None):
             raise ValueError("An encoder-decoder model needs `context` (the encoder output); others take none.")
         model = self.cache_model(max_length)
         inputs = [] if context is None else [context]
         inputs += [token_ids] + ([segment_ids] if self.uses_segments else [])
-        inputs += [positions, cache, np.zeros(rows, "int32"), mask]
+        inputs += [positions, *cache, np.zeros(rows, "int32"), mask]
         scores, cache = self._run(model, inputs, check_stale=True)
         valid_keys = np.zeros((rows, max_length), dtype=bool)
         valid_keys[:, :length] = valid
@@ -247,7 +273,7 @@ class IncrementalModel:
         inputs.append(np.asarray(tokens, "int32").reshape(rows, 1))
         if self.uses_segments:
             inputs.append(np.full((rows, 1), segment_id, dtype="int32"))
-        inputs += [positions[:, None], state["cache"], state["index"], mask]
+        inputs += [positions[:, None], *state["cache"], state["index"], mask]
         scores, cache = self._run(self.cache_model(max_length), inputs)
         new_state = dict(state, cache=cache, valid=valid, position=positions, index=state["index"] + 1)
         return scores, new_state

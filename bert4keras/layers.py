@@ -299,20 +299,28 @@ class LayerNormalization(keras.layers.Layer):
         return config
 
 
-def _matmul(a, b, dtype=None):
-    """`a @ b` in a's dtype (or `dtype`), fast for half precision on JAX.
+def _matmul(a, b, dtype=None, transpose_b=False):
+    """`a @ b` (or `a @ b^T` over the last two axes) in a's dtype (or `dtype`).
 
-    XLA:CPU converts both operands of a bf16 x bf16 -> bf16 product to float32
-    first; asked for a float32 result it runs its native bf16 kernels (2.7x
-    faster on an AVX-512 BF16 CPU). Either way the sum is accumulated in
-    float32, so the values are those of `ops.matmul`.
+    Fast for half precision on JAX: XLA:CPU converts both operands of a
+    bf16 x bf16 -> bf16 product to float32 first; asked for a float32 result
+    it runs its native bf16 kernels (2.7x faster on an AVX-512 BF16 CPU).
+    Either way the sum is accumulated in float32, so the values are those of
+    `ops.matmul`. transpose_b reads b transposed without materialising the
+    transpose on TensorFlow (XLA folds it into the product by itself).
     """
-    if backend.backend_name() == "jax" and keras.backend.standardize_dtype(a.dtype) in ("bfloat16", "float16"):
+    name = backend.backend_name()
+    if name == "jax" and keras.backend.standardize_dtype(a.dtype) in ("bfloat16", "float16"):
         import jax.numpy as jnp
 
-        product = jnp.matmul(a, b, preferred_element_type="float32")
+        product = jnp.matmul(a, jnp.swapaxes(b, -1, -2) if transpose_b else b, preferred_element_type="float32")
         return product.astype(dtype or a.dtype)
-    product = ops.matmul(a, b)
+    if name == "tensorflow" and transpose_b:
+        import tensorflow as tf
+
+        product = tf.linalg.matmul(a, b, transpose_b=True)
+    else:
+        product = ops.matmul(a, ops.swapaxes(b, -1, -2) if transpose_b else b)
     return product if dtype is None else ops.cast(product, dtype)
 
 
@@ -340,6 +348,32 @@ def _explicit_attention_is_faster():
 
 
 _EXPLICIT_ATTENTION = None
+
+
+def _write_slots(cache, new, index):
+    """`cache` (batch, heads, slots, size) with `new` (batch, heads, t, size) at slots index...
+
+    A dynamic-update-slice (in place under XLA when the cache is donated).
+    TensorFlow runs that op through an XLA kernel compiled on demand, whose
+    launch costs more than the copy; there a gather and a select write it.
+    """
+    new = ops.cast(new, cache.dtype)
+    if backend.backend_name() != "tensorflow":
+        return ops.slice_update(cache, (0, 0, index, 0), new)
+    offset = ops.arange(ops.shape(cache)[2]) - index
+    count = ops.shape(new)[2]
+    inside = ops.logical_and(ops.greater_equal(offset, 0), ops.less(offset, count))
+    spread = ops.take(new, ops.clip(offset, 0, count - 1), axis=2)
+    return ops.where(inside[:, None], spread, cache)
+
+
+def _apply_mask(scores, mask):
+    """Scores with a boolean mask (False -> NEG_INF) or an additive bias applied."""
+    if mask is None:
+        return scores
+    if "bool" in str(mask.dtype):
+        return ops.where(mask, scores, ops.cast(backend.NEG_INF, scores.dtype))
+    return scores + ops.cast(mask, scores.dtype)
 
 
 @register
@@ -387,9 +421,13 @@ class MultiHeadAttention(keras.layers.Layer):
       attention_mask: boolean (True = may attend) or an additive float bias,
         broadcastable to (batch, heads, q_len, k_len). Masks come from
         `bert4keras.backend.attention_mask`.
-      cache / cache_index: for incremental decoding, a (batch, 2, k_max, heads,
-        key_size) tensor of past keys and values, and the position where the
-        current keys go. The layer then returns (output, updated_cache).
+      cache / cache_index: for incremental decoding, a pair (keys, values)
+        of past keys and values, each (batch, heads, k_max, key_size), and
+        the slot where the current keys go; the mask then spans the k_max
+        slots. The layer returns (output, keys, values), the pair updated.
+        Keeping each layer's keys and values in their own heads-first
+        arrays lets XLA update them in place (when the caller donates them)
+        and multiply them without copies.
 
     key_size (per-head size of q and k) may differ from head_size (per-head
     size of v). position_encoding='rotary' rotates q and k by their absolute
@@ -508,9 +546,14 @@ class MultiHeadAttention(keras.layers.Layer):
         if cache is not None:
             if self.key_size != self.head_size:
                 raise ValueError("A key/value cache needs key_size == head_size.")
-            start = [0, 0, cache_index, 0, 0]
-            cache = ops.slice_update(cache, start, ops.stack([kw, vw], axis=1))
-            kw, vw = cache[:, 0], cache[:, 1]
+            if self.return_attention_scores:
+                raise ValueError(f"{self.name}: cached decoding cannot return attention scores.")
+            heads_first = (0, 2, 1, 3)
+            keys = _write_slots(cache[0], ops.transpose(kw, heads_first), cache_index)
+            values = _write_slots(cache[1], ops.transpose(vw, heads_first), cache_index)
+            outputs = self._attend_cached(qw, keys, values, attention_mask, training)
+            outputs = ops.reshape(outputs, ops.shape(outputs)[:2] + (self.heads * self.head_size,))
+            return self.o_dense(outputs), keys, values
         if self.recompute == "attention" and training and cache is None and not self.return_attention_scores:
             # Selective recompute: the (heads, q, k) scores, probabilities and
             # dropout mask, most of a block's activations at long lengths, are
@@ -523,12 +566,9 @@ class MultiHeadAttention(keras.layers.Layer):
             outputs, scores = self._attend(qw, kw, vw, attention_mask, training)
         outputs = ops.reshape(outputs, ops.shape(outputs)[:2] + (self.heads * self.head_size,))
         outputs = self.o_dense(outputs)
-        result = [outputs]
         if self.return_attention_scores:
-            result.append(scores)
-        if cache is not None:
-            result.append(cache)
-        return result[0] if len(result) == 1 else tuple(result)
+            return outputs, scores
+        return outputs
 
     def _attend(self, qw, kw, vw, attention_mask, training):
         scale = self.key_size**-0.5 if self.attention_scale else 1.0
@@ -557,15 +597,24 @@ class MultiHeadAttention(keras.layers.Layer):
         kh = ops.transpose(kw, (0, 2, 3, 1))  # (batch, heads, key_size, k_len)
         vh = ops.transpose(vw, (0, 2, 1, 3))  # (batch, heads, k_len, head_size)
         scores = _matmul(qh, kh, logits_dtype) * ops.cast(scale, logits_dtype)
-        if attention_mask is not None:
-            if is_bool:
-                scores = ops.where(attention_mask, scores, ops.cast(backend.NEG_INF, scores.dtype))
-            else:
-                scores = scores + ops.cast(attention_mask, scores.dtype)
+        scores = _apply_mask(scores, attention_mask)
         probs = ops.cast(ops.softmax(ops.cast(scores, "float32"), axis=-1), qw.dtype)
         probs = self.dropout(probs, training=training)
         outputs = ops.transpose(_matmul(probs, vh), (0, 2, 1, 3))
         return outputs, None if fused else scores
+
+    def _attend_cached(self, qw, keys, values, attention_mask, training):
+        """`_attend` over a heads-first cache: (batch, heads, k_max, size)."""
+        keys, values = ops.cast(keys, qw.dtype), ops.cast(values, qw.dtype)
+        if not _explicit_attention_is_faster():
+            seq_first = (0, 2, 1, 3)  # the layout of the fused kernels
+            return self._attend(qw, ops.transpose(keys, seq_first), ops.transpose(values, seq_first), attention_mask, training)[0]
+        scale = self.key_size**-0.5 if self.attention_scale else 1.0
+        qh = ops.transpose(qw, (0, 2, 1, 3))  # (batch, heads, q_len, key_size)
+        scores = _matmul(qh, keys, "float32", transpose_b=True) * ops.cast(scale, "float32")
+        probs = ops.cast(ops.softmax(_apply_mask(scores, attention_mask), axis=-1), qw.dtype)
+        probs = self.dropout(probs, training=training)
+        return ops.transpose(_matmul(probs, values), (0, 2, 1, 3))
 
     def compute_output_spec(self, inputs, attention_mask=None, cache=None, cache_index=None, training=None):
         q = inputs[0]
@@ -577,7 +626,7 @@ class MultiHeadAttention(keras.layers.Layer):
                 keras.KerasTensor((q.shape[0], self.heads, q.shape[1], k.shape[1]), dtype=self.compute_dtype)
             )
         if cache is not None:
-            result.append(keras.KerasTensor(cache.shape, dtype=cache.dtype))
+            result += [keras.KerasTensor(c.shape, dtype=c.dtype) for c in cache]
         return result[0] if len(result) == 1 else tuple(result)
 
     def get_config(self):
@@ -816,15 +865,15 @@ class RelativePositionAttention(MultiHeadAttention):
         scores = ops.einsum("bqhd,bkhd->bhqk", qw, kw) + ops.einsum("bqhd,qkd->bhqk", qw, key_table)
         if self.attention_scale:
             scores = scores * ops.cast(self.key_size**-0.5, scores.dtype)
-        if attention_mask is not None:
-            if "bool" in str(attention_mask.dtype):
-                scores = ops.where(attention_mask, scores, ops.cast(backend.NEG_INF, scores.dtype))
-            else:
-                scores = scores + ops.cast(attention_mask, scores.dtype)
+        scores = _apply_mask(scores, attention_mask)
         probs = ops.cast(ops.softmax(ops.cast(scores, "float32"), axis=-1), vw.dtype)
         probs = self.dropout(probs, training=training)
         outputs = ops.einsum("bhqk,bkhd->bqhd", probs, vw) + ops.einsum("bhqk,qkd->bqhd", probs, value_table)
         return outputs, scores
+
+    def _attend_cached(self, qw, keys, values, attention_mask, training):
+        seq_first = (0, 2, 1, 3)
+        return self._attend(qw, ops.transpose(keys, seq_first), ops.transpose(values, seq_first), attention_mask, training)[0]
 
     def get_config(self):
         return {**super().get_config(), "max_relative_position": self.max_relative_position}

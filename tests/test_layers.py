@@ -552,30 +552,31 @@ def test_mha_cache_matches_full_causal_attention(position_encoding):
     expected, _ = mha_reference(layer, x, x, x, mask=causal)
     np.testing.assert_allclose(full, expected, atol=ATOL)
 
-    # Prefill the first two positions at once, then one position per call.
-    cache = ops.zeros((BATCH, 2, steps, 2, 4))
+    # Prefill the first two positions at once, then one position per call;
+    # each call writes its keys and values into the (keys, values) pair.
+    cache = (ops.zeros((BATCH, 2, steps, 4)), ops.zeros((BATCH, 2, steps, 4)))
     chunks = [(0, 2)] + [(t, t + 1) for t in range(2, steps)]
     for start, end in chunks:
         xt = x[:, start:end]
         mask = backend.causal_mask(end - start, steps, offset=start)
-        out, cache = layer([xt, xt, xt], attention_mask=mask, cache=cache, cache_index=start)
-        assert tuple(cache.shape) == (BATCH, 2, steps, 2, 4)
+        out, *cache = layer([xt, xt, xt], attention_mask=mask, cache=cache, cache_index=start)
+        assert [tuple(c.shape) for c in cache] == [(BATCH, 2, steps, 4)] * 2
         np.testing.assert_allclose(
             to_numpy(out), full[:, start:end], atol=ATOL, err_msg=f"step {start}"
         )
-    # The cache holds the (rotated) keys and the values of every position.
+    # The cache holds the (rotated) keys and the values of every position, heads first.
     kw = dense_np(layer.k_dense, x).reshape(BATCH, steps, 2, 4)
     if position_encoding == "rotary":
         kw = rotate_np(kw, range(steps))
-    np.testing.assert_allclose(to_numpy(cache)[:, 0], kw, atol=ATOL)
+    np.testing.assert_allclose(to_numpy(cache[0]), kw.transpose(0, 2, 1, 3), atol=ATOL)
     vw = dense_np(layer.v_dense, x).reshape(BATCH, steps, 2, 4)
-    np.testing.assert_allclose(to_numpy(cache)[:, 1], vw, atol=ATOL)
+    np.testing.assert_allclose(to_numpy(cache[1]), vw.transpose(0, 2, 1, 3), atol=ATOL)
 
 
 def test_mha_cache_needs_equal_key_and_head_size():
     layer = mha_layer(key_size=6)
     with pytest.raises(ValueError, match="key_size == head_size"):
-        layer([Q, Q, Q], cache=ops.zeros((BATCH, 2, Q_LEN, 2, 4)), cache_index=0)
+        layer([Q, Q, Q], cache=(ops.zeros((BATCH, 2, Q_LEN, 4)),) * 2, cache_index=0)
 
 
 @pytest.mark.parametrize(

@@ -299,11 +299,11 @@ def test_relative_position_attention_cache_matches_full_causal_pass():
     x = rng.normal(size=(1, 6, 8)).astype("float32")
     causal = np.tril(np.ones((6, 6), bool))[None, None]
     full = keras.ops.convert_to_numpy(layer([x, x, x], attention_mask=causal))
-    cache = np.zeros((1, 2, 6, 2, 4), "float32")
+    cache = (np.zeros((1, 2, 6, 4), "float32"),) * 2  # (keys, values): (batch, heads, slots, size)
     for t in range(6):
         step = x[:, t : t + 1]
         mask = (np.arange(6) <= t)[None, None, None]
-        out, cache = layer([step, step, step], attention_mask=mask, cache=cache, cache_index=t)
+        out, *cache = layer([step, step, step], attention_mask=mask, cache=cache, cache_index=t)
         np.testing.assert_allclose(keras.ops.convert_to_numpy(out)[0, 0], full[0, t], atol=1e-5)
 
 

@@ -186,19 +186,23 @@ class Transformer:
         """The incremental-decoding twin of `self.model` (same layers and weights).
 
         Extra inputs after `decoding_inputs()`: Cache-Position (batch, t)
-        positions of the new tokens, Cache (batch, layers, 2, max_length,
-        heads, head_size) past keys and values, Cache-Index (batch,) where the
-        new keys go (same for all rows), Cache-Mask (batch, 1, t, max_length).
-        Outputs: the model's output at the last new position and the updated
-        cache. See `bert4keras.generation`.
+        positions of the new tokens; for each self-attention layer its past
+        keys then values, Cache-Layer-i-Keys / -Values (batch, heads,
+        max_length, head_size); Cache-Index (batch,) where the new keys go
+        (same for all rows); Cache-Mask (batch, 1, t, max_length). Outputs:
+        the model's output at the last new position, then every cache input
+        updated. See `bert4keras.generation`.
         """
         from bert4keras.generation import DecodingContext
 
         self.build()
         inputs = self.decoding_inputs()
         positions = keras.Input((None,), dtype="int32", name="Cache-Position")
-        shape = (self.num_cached_layers, 2, max_length, self.num_attention_heads, self.attention_head_size)
-        cache = keras.Input(shape, name="Cache")
+        shape = (self.num_attention_heads, max_length, self.attention_head_size)
+        cache = [
+            (keras.Input(shape, name=f"Cache-Layer-{i}-Keys"), keras.Input(shape, name=f"Cache-Layer-{i}-Values"))
+            for i in range(self.num_cached_layers)
+        ]
         index = keras.Input((), dtype="int32", name="Cache-Index")
         mask = keras.Input((1, None, max_length), dtype="bool", name="Cache-Mask")
         context = DecodingContext(positions, cache, index[0], mask)
@@ -209,9 +213,15 @@ class Transformer:
             self.decoding = None
         if isinstance(outputs, (list, tuple)):
             raise ValueError("Cached decoding needs a model with a single (LM) output.")
+        if len(context.updated) != len(cache):
+            raise ValueError(
+                f"{type(self).__name__} declares {len(cache)} cached attention layers "
+                f"but its decoder called {len(context.updated)}."
+            )
+        flat_cache = [tensor for pair in cache for tensor in pair]
         return keras.Model(
-            inputs + [positions, cache, index, mask],
-            [outputs[:, -1], context.stacked_cache()],
+            inputs + [positions, *flat_cache, index, mask],
+            [outputs[:, -1]] + [tensor for pair in context.updated for tensor in pair],
             name=f"{self.model.name}_cached",
         )
 
