@@ -178,7 +178,10 @@ class Transformer:
             x = self.apply_embeddings(inputs)
             for index in range(self.num_hidden_layers):
                 x = self.apply_main_layers(x, index)
-            return self.apply_final_layers(x)
+            # Only the last position's output is used: the (position-wise) LM
+            # head, a vocabulary-wide product, runs on it alone, not on every
+            # prompt position.
+            return self.apply_final_layers(x[:, -1:])
         finally:
             self.attention_mask = saved_mask
 
