@@ -9,6 +9,11 @@ step (the bert4keras way). No end token, so every run produces exactly N
 tokens. Each figure is the best of --repeat timed runs (after a warm-up run
 that compiles every shape), which filters out a shared machine's noise.
 Prints a markdown table: seconds, ms per new token, and the ratio.
+
+    python benchmarks/bench_generation.py --step-only [--batch 1 16]
+
+times the decoding step alone (`IncrementalModel.step`, one token per row,
+a 128-slot cache after the prompt): best of 7 runs of 20 steps.
 """
 import argparse
 import os
@@ -43,6 +48,7 @@ def main():
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--prompt", type=int, default=64)
     parser.add_argument("--repeat", type=int, default=3, help="timed runs per figure; the best is kept")
+    parser.add_argument("--step-only", action="store_true", help="time the cached step alone")
     args = parser.parse_args()
     keras.utils.set_random_seed(0)
     model = build_transformer_model(
@@ -52,6 +58,8 @@ def main():
     rng = np.random.default_rng(0)
     print(f"backend {keras.backend.backend()}, keras {keras.__version__}, "
           f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores")
+    if args.step_only:
+        return time_steps(model, args.batch, args.prompt, rng)
     print("| batch | new tokens | cached s | uncached s | cached ms/token | uncached ms/token | speed-up |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for batch in args.batch:
@@ -72,6 +80,24 @@ def main():
             c, u = timings
             print(f"| {batch} | {new} | {c:.2f} | {u:.2f} | {1000 * c / new:.1f} | "
                   f"{1000 * u / new:.1f} | {u / c:.1f}x |", flush=True)
+
+
+def time_steps(model, batches, prompt, rng, slots=128, steps=20, runs=7):
+    incremental = CachedDecoder(model, start_id=None, end_id=None, maxlen=slots - prompt).incremental
+    print("| batch | step ms (best of 7 x 20) | median |")
+    print("| --- | --- | --- |")
+    for batch in batches:
+        prompts = [p.astype("int32") for p in rng.integers(100, 30000, size=(batch, prompt))]
+        tokens = np.ones(batch, "int32")
+        timings = []
+        for _ in range(runs):
+            _, state = incremental.prefill(prompts, None, slots)
+            _, state = incremental.step(tokens, state)  # compiles on the first run
+            start = time.perf_counter()
+            for _ in range(steps):
+                _, state = incremental.step(tokens, state)
+            timings.append(1000 * (time.perf_counter() - start) / steps)
+        print(f"| {batch} | {min(timings):.1f} | {sorted(timings)[runs // 2]:.1f} |", flush=True)
 
 
 if __name__ == "__main__":
