@@ -84,7 +84,7 @@ def main():
 
 def time_steps(model, batches, prompt, rng, slots=128, steps=20, runs=7):
     incremental = CachedDecoder(model, start_id=None, end_id=None, maxlen=slots - prompt).incremental
-    print("| batch | step ms (best of 7 x 20) | median |")
+    print(f"| batch | step ms (best of {runs} x {steps}) | median |")
     print("| --- | --- | --- |")
     for batch in batches:
         prompts = [p.astype("int32") for p in rng.integers(100, 30000, size=(batch, prompt))]

@@ -607,14 +607,18 @@ class MultiHeadAttention(keras.layers.Layer):
         """`_attend` over a heads-first cache: (batch, heads, k_max, size)."""
         keys, values = ops.cast(keys, qw.dtype), ops.cast(values, qw.dtype)
         if not _explicit_attention_is_faster():
-            seq_first = (0, 2, 1, 3)  # the layout of the fused kernels
-            return self._attend(qw, ops.transpose(keys, seq_first), ops.transpose(values, seq_first), attention_mask, training)[0]
+            return self._attend_seq_first(qw, keys, values, attention_mask, training)
         scale = self.key_size**-0.5 if self.attention_scale else 1.0
         qh = ops.transpose(qw, (0, 2, 1, 3))  # (batch, heads, q_len, key_size)
         scores = _matmul(qh, keys, "float32", transpose_b=True) * ops.cast(scale, "float32")
         probs = ops.cast(ops.softmax(_apply_mask(scores, attention_mask), axis=-1), qw.dtype)
         probs = self.dropout(probs, training=training)
         return ops.transpose(_matmul(probs, values), (0, 2, 1, 3))
+
+    def _attend_seq_first(self, qw, keys, values, attention_mask, training):
+        """`_attend` on heads-first keys/values, transposed to its (batch, k_len, heads, size)."""
+        seq_first = (0, 2, 1, 3)
+        return self._attend(qw, ops.transpose(keys, seq_first), ops.transpose(values, seq_first), attention_mask, training)[0]
 
     def compute_output_spec(self, inputs, attention_mask=None, cache=None, cache_index=None, training=None):
         q = inputs[0]
@@ -872,8 +876,8 @@ class RelativePositionAttention(MultiHeadAttention):
         return outputs, scores
 
     def _attend_cached(self, qw, keys, values, attention_mask, training):
-        seq_first = (0, 2, 1, 3)
-        return self._attend(qw, ops.transpose(keys, seq_first), ops.transpose(values, seq_first), attention_mask, training)[0]
+        # The relative-position terms live in `_attend`: always go through it.
+        return self._attend_seq_first(qw, keys, values, attention_mask, training)
 
     def get_config(self):
         return {**super().get_config(), "max_relative_position": self.max_relative_position}
