@@ -354,17 +354,16 @@ def _write_slots(cache, new, index):
     """`cache` (batch, heads, slots, size) with `new` (batch, heads, t, size) at slots index...
 
     A dynamic-update-slice (in place under XLA when the cache is donated).
-    TensorFlow runs that op through an XLA kernel compiled on demand, whose
-    launch costs more than the copy; there a gather and a select write it.
+    TensorFlow runs that op through an XLA kernel compiled on demand; there a
+    scatter of the new rows writes it (one copy of the cache, no XLA launch).
     """
     new = ops.cast(new, cache.dtype)
     if backend.backend_name() != "tensorflow":
         return ops.slice_update(cache, (0, 0, index, 0), new)
-    offset = ops.arange(ops.shape(cache)[2]) - index
-    count = ops.shape(new)[2]
-    inside = ops.logical_and(ops.greater_equal(offset, 0), ops.less(offset, count))
-    spread = ops.take(new, ops.clip(offset, 0, count - 1), axis=2)
-    return ops.where(inside[:, None], spread, cache)
+    batch, heads, count, size = ops.shape(new)
+    grid = ops.meshgrid(ops.arange(batch), ops.arange(heads), ops.arange(count) + index, indexing="ij")
+    indices = ops.reshape(ops.stack(grid, axis=-1), (-1, 3))
+    return ops.scatter_update(cache, indices, ops.reshape(new, (-1, size)))
 
 
 def _apply_mask(scores, mask):

@@ -296,10 +296,11 @@ def log_softmax(x, axis=-1):
     x = np.asarray(x, dtype=np.float64)
     top = np.max(x, axis=axis, keepdims=True)
     finite = np.isfinite(top)
-    shifted = x - np.where(finite, top, 0.0)
+    all_finite = finite.all()
+    shifted = x - (top if all_finite else np.where(finite, top, 0.0))
     with np.errstate(divide="ignore"):
         result = shifted - np.log(np.sum(np.exp(shifted), axis=axis, keepdims=True))
-    return result if finite.all() else np.where(finite, result, -np.inf)
+    return result if all_finite else np.where(finite, result, -np.inf)
 
 
 # ---------------------------------------------------------------------------
@@ -925,21 +926,27 @@ def gather_states(states, indices):
            [2],
            [1]]), 'step': 3}
     """
+    indices = np.asarray(indices, dtype=np.int64)
+    # Every row kept in place (greedy search): arrays of that many rows are
+    # returned as they are, no copy of a device tensor.
+    keep_rows = len(indices) if np.array_equal(indices, np.arange(len(indices))) else None
+    return _gather_rows(states, indices, keep_rows)
+
+
+def _gather_rows(states, indices, keep_rows):
     if states is None or isinstance(states, (str, bytes, int, float, bool, np.generic)):
         return states
     if isinstance(states, dict):
-        return type(states)((k, gather_states(v, indices)) for k, v in states.items())
+        return type(states)((k, _gather_rows(v, indices, keep_rows)) for k, v in states.items())
     if isinstance(states, tuple) and hasattr(states, "_fields"):  # namedtuple
-        return type(states)(*(gather_states(v, indices) for v in states))
+        return type(states)(*(_gather_rows(v, indices, keep_rows) for v in states))
     if isinstance(states, (list, tuple)):
-        return type(states)(gather_states(v, indices) for v in states)
-    indices = np.asarray(indices, dtype=np.int64)
+        return type(states)(_gather_rows(v, indices, keep_rows) for v in states)
     if isinstance(states, np.ndarray):
         return states[indices] if states.ndim else states
-    if len(states.shape) == 0:
+    shape = states.shape
+    if len(shape) == 0 or shape[0] == keep_rows:
         return states
-    if states.shape[0] == len(indices) and np.array_equal(indices, np.arange(len(indices))):
-        return states  # every row kept in place (greedy search): no copy of a device tensor
     from keras import ops
 
     return ops.take(states, ops.convert_to_tensor(indices.astype("int32")), axis=0)
