@@ -1021,3 +1021,37 @@ from bert4keras.heads import (  # noqa: E402, F401
     GlobalPointer,
     MaximumEntropyMarkovModel,
 )
+
+
+@register
+class RecomputedBlock(keras.Model):
+    """A functional sub-model recomputed as one unit in the backward pass.
+
+    `build_transformer_model(..., recompute=True)` wraps each transformer
+    block (attention, feed-forward, residual sums, norms, dropout) in one:
+    training keeps only the block's inputs (its hidden states, the attention
+    mask and any position bias) for the backward pass, and runs the block
+    again there. The dropout masks are drawn once and reused by the
+    recomputation. Inference runs it as a plain functional model.
+
+    >>> x = keras.Input((None, 8))
+    >>> block = RecomputedBlock(x, keras.layers.Dense(8)(x))
+    >>> block(ops.ones((2, 3, 8)), training=True).shape
+    (2, 3, 8)
+    """
+
+    def call(self, inputs, training=None, mask=None):
+        forward = super().call
+        if not training:
+            return forward(inputs, training=training, mask=mask)
+        single = not isinstance(inputs, (list, tuple))
+        dropouts = [
+            layer
+            for layer in self._flatten_layers(include_self=False)
+            if isinstance(getattr(layer, "seed_generator", None), keras.random.SeedGenerator)
+            and getattr(layer, "rate", 1) > 0
+        ]
+        run = backend.recompute(
+            lambda *tensors: forward(tensors[0] if single else list(tensors), training=True), dropouts
+        )
+        return run(*([inputs] if single else inputs))

@@ -14,7 +14,7 @@ import keras
 import numpy as np
 
 from bert4keras import backend, checkpoints
-from bert4keras.layers import AttentionMask, MultiHeadAttention
+from bert4keras.layers import AttentionMask, MultiHeadAttention, RecomputedBlock
 
 APPLICATIONS = ("encoder", "lm", "unilm")
 
@@ -89,6 +89,7 @@ class Transformer:
         self.layers = {}
         self.model = None
         self.decoding = None  # set while build_cache_model re-applies the layers
+        self._recomputed_blocks = {}
 
     # -- construction -----------------------------------------------------
 
@@ -103,11 +104,16 @@ class Transformer:
         """
         name = kwargs.get("name")
         if name not in self.layers:
-            if self.recompute and layer is not None and "recompute" in accepted_arguments(layer):
-                # 'attention' recomputes only the attention core of each block
-                # (see MultiHeadAttention); True recomputes every sub-layer.
-                if self.recompute is True or (isinstance(layer, type) and issubclass(layer, MultiHeadAttention)):
-                    kwargs["recompute"] = self.recompute
+            # recompute='attention' recomputes the attention core of each
+            # block (see MultiHeadAttention); True recomputes whole blocks
+            # (see apply_block), not their sub-layers one by one.
+            if (
+                self.recompute == "attention"
+                and isinstance(layer, type)
+                and issubclass(layer, MultiHeadAttention)
+                and "recompute" in accepted_arguments(layer)
+            ):
+                kwargs["recompute"] = self.recompute
             self.layers[name] = layer(**kwargs)
         if inputs is None:
             return self.layers[name]
@@ -126,6 +132,30 @@ class Transformer:
 
     def apply_final_layers(self, x):
         return x
+
+    def block_name(self, index):
+        """Prefix of block `index`'s layer names; ALBERT shares one block."""
+        return f"Transformer-{index}"
+
+    def apply_block(self, function, x, name):
+        """`function(x)` (a transformer block applied through `apply`), made
+        one `RecomputedBlock` named `name` when recompute=True.
+
+        The block's layers are first called directly, so their weights keep
+        their usual paths; the sub-model is then cut from that graph between
+        `x` plus every other tensor the block reads (the attention mask,
+        position biases, an encoder's output) and its output. Blocks made of
+        the same layers (ALBERT's shared block) are one sub-model called
+        again.
+        """
+        y = function(x)
+        if self.recompute is not True or self.decoding is not None:
+            return y
+        inputs = [x] + _tensors_read_by(y, x)
+        block = RecomputedBlock(*_replay_on_new_inputs(inputs, y), name=name)
+        key = tuple(id(layer) for layer in block.layers if not isinstance(layer, keras.layers.InputLayer))
+        block = self._recomputed_blocks.setdefault(key, block)
+        return block(inputs)
 
     def compute_attention_mask(self, inputs):
         """The mask of `self.application`, computed once and shared by all blocks."""
@@ -150,7 +180,8 @@ class Transformer:
         self.attention_mask = self.compute_attention_mask(inputs)
         x = self.apply_embeddings(inputs)
         for index in range(self.num_hidden_layers):
-            x = self.apply_main_layers(x, index)
+            block = lambda x: self.apply_main_layers(x, index)  # noqa: E731
+            x = self.apply_block(block, x, f"{self.block_name(index)}-Recomputed")
         outputs = self.apply_final_layers(x)
         self.model = keras.Model(inputs, outputs, name=self.name or type(self).__name__.lower())
         self.model.bert4keras = self
@@ -379,6 +410,52 @@ class Transformer:
         if self.embedding_size != self.hidden_size:
             config["embedding_size"] = self.embedding_size
         return config
+
+
+def _tensors_read_by(output, x):
+    """The symbolic tensors that the graph from `x` to `output` reads besides
+    `x`: inputs of its nodes that do not themselves depend on `x`."""
+    depends = {id(x): True}
+    read = []
+
+    def visit(tensor):
+        if id(tensor) not in depends:
+            operation, node_index, _ = tensor._keras_history
+            node = operation._inbound_nodes[node_index]
+            inputs = [] if node.is_input else node.input_tensors
+            flags = [visit(t) for t in inputs]
+            depends[id(tensor)] = any(flags)
+            if depends[id(tensor)]:
+                read.extend(t for t, f in zip(inputs, flags) if not f and all(t is not r for r in read))
+        return depends[id(tensor)]
+
+    visit(output)
+    return read
+
+
+def _replay_on_new_inputs(inputs, output):
+    """The graph from `inputs` to `output` called again on fresh keras.Input
+    tensors: (new inputs, new output), for a sub-model of the same layers.
+
+    (keras.Model(inputs, output) on intermediate tensors would clone the
+    nodes instead, and re-point the history of any true model input among
+    them, which breaks the models that already use it.)
+    """
+    new = {id(t): keras.Input(batch_shape=t.shape, dtype=t.dtype, name=f"{t.name}-Block-Input") for t in inputs}
+
+    def replay(value):
+        if not isinstance(value, keras.KerasTensor):
+            return value
+        if id(value) not in new:
+            operation, node_index, _ = value._keras_history
+            node = operation._inbound_nodes[node_index]
+            args = keras.tree.map_structure(replay, node.arguments.args)
+            kwargs = keras.tree.map_structure(replay, node.arguments.kwargs)
+            outputs = keras.tree.flatten(operation(*args, **kwargs))
+            new.update((id(old), tensor) for old, tensor in zip(node.outputs, outputs))
+        return new[id(value)]
+
+    return [new[id(t)] for t in inputs], replay(output)
 
 
 def accepted_arguments(cls):

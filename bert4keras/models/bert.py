@@ -110,10 +110,6 @@ class BERT(Transformer):
     #: False drops the learned absolute position table (NEZHA, RoFormer).
     absolute_positions = True
 
-    def block_name(self, index):
-        """Prefix of block `index`'s layer names; ALBERT shares one block."""
-        return f"Transformer-{index}"
-
     def attention_layer(self):
         """(attention layer class, extra constructor kwargs); NEZHA/RoFormer change it."""
         return MultiHeadAttention, {}

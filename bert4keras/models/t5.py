@@ -218,6 +218,10 @@ class T5(Transformer):
             name="Embedding-Token",
         )
 
+    def apply_encoder_block(self, x, i, bias):
+        x = self.apply_attention(x, f"Encoder-Transformer-{i}-MultiHeadSelfAttention", bias)
+        return self.apply_feed_forward(x, f"Encoder-Transformer-{i}-FeedForward")
+
     def apply_encoder(self, token_ids):
         mask = self.apply(
             token_ids,
@@ -231,13 +235,18 @@ class T5(Transformer):
         # Position bias and padding mask in one additive bias, shared by all layers.
         bias = self._position_bias(x, mask, True, "Encoder-Embedding-Relative-Position")
         for i in range(self.num_hidden_layers):
-            x = self.apply_attention(x, f"Encoder-Transformer-{i}-MultiHeadSelfAttention", bias)
-            x = self.apply_feed_forward(x, f"Encoder-Transformer-{i}-FeedForward")
+            block = lambda x: self.apply_encoder_block(x, i, bias)  # noqa: E731
+            x = self.apply_block(block, x, f"Encoder-Transformer-{i}-Recomputed")
         x = self._norm(x, "Encoder-Output-Norm")
         x = self._dropout(x, "Encoder-Output-Dropout")
         return self.apply(
             [x, token_ids], ZeroPaddedPositions, pad_id=self.pad_token_id, name="Encoder-Output-Mask"
         )
+
+    def apply_decoder_block(self, x, i, bias, context, context_mask):
+        x = self.apply_attention(x, f"Decoder-Transformer-{i}-MultiHeadSelfAttention", bias)
+        x = self.apply_attention(x, f"Decoder-Transformer-{i}-MultiHeadCrossAttention", context_mask, context)
+        return self.apply_feed_forward(x, f"Decoder-Transformer-{i}-FeedForward")
 
     def apply_decoder(self, context, token_ids):
         context_mask = self.apply(context, ContextMask, name="Decoder-Context-Mask")
@@ -249,11 +258,8 @@ class T5(Transformer):
         x = self._dropout(x, "Decoder-Embedding-Dropout")
         bias = self._position_bias(x, causal, False, "Decoder-Embedding-Relative-Position")
         for i in range(self.num_decoder_layers):
-            x = self.apply_attention(x, f"Decoder-Transformer-{i}-MultiHeadSelfAttention", bias)
-            x = self.apply_attention(
-                x, f"Decoder-Transformer-{i}-MultiHeadCrossAttention", context_mask, context
-            )
-            x = self.apply_feed_forward(x, f"Decoder-Transformer-{i}-FeedForward")
+            block = lambda x: self.apply_decoder_block(x, i, bias, context, context_mask)  # noqa: E731
+            x = self.apply_block(block, x, f"Decoder-Transformer-{i}-Recomputed")
         x = self._norm(x, "Decoder-Output-Norm")
         x = self._dropout(x, "Decoder-Output-Dropout")
         if not self.with_lm:
