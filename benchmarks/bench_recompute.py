@@ -160,7 +160,7 @@ def main():
             # XLA's temp buffers exclude the gradients (outputs); the allocator peak includes them.
             activations = temp if keras.backend.backend() == "jax" else temp - gradient_bytes
         versus = ""
-        if base:
+        if base and mode != "off":
             base_activations = base[0] if keras.backend.backend() == "jax" else base[0] - gradient_bytes
             if activations:
                 versus = f"{base_activations / activations:.2f}x less activation memory, "
