@@ -122,8 +122,14 @@ class T5FullPrefixDecoder(AutoRegressiveDecoder):
 
     @AutoRegressiveDecoder.wraps(default_rtype="probas")
     def predict(self, inputs, output_ids, states):
-        probas = keras.ops.convert_to_numpy(self.run([np.asarray(inputs[0], "int32"), output_ids.astype("int32")]))
-        return probas[:, -1]
+        # Padded to one fixed shape (one compilation): padded source tokens
+        # are masked by the encoder and cross-attention, and later decoder
+        # positions are invisible to the causal position read here.
+        rows, length = output_ids.shape
+        sources = sequence_padding(list(inputs[0]) + [[0]] * (16 - rows), length=16)
+        outputs = sequence_padding(list(output_ids) + [[0]] * (16 - rows), length=8)
+        probas = keras.ops.convert_to_numpy(self.run([sources.astype("int32"), outputs.astype("int32")]))
+        return probas[:rows, length - 1]
 
 
 @pytest.mark.filterwarnings("ignore:You are using a softmax over axis -1")  # the reference's first step
