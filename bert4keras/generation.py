@@ -108,13 +108,19 @@ def compiled_inference(model, donate_inputs=(), exact_shapes=False):
             # (hashing each input's type) before it runs: with a decoding
             # step's ~20 inputs that costs more than a millisecond. The
             # matching concrete function is looked up once per input shape.
-            single = not isinstance(inputs, (list, tuple))
-            tensors = [tf.convert_to_tensor(x) for x in ([inputs] if single else inputs)]
-            key = tuple((x.dtype, *x.shape) for x in tensors)
+            flat = isinstance(inputs, (list, tuple)) and not any(isinstance(x, (list, tuple, dict)) for x in inputs)
+            if flat:  # the decoding case: a flat list, checked cheaply
+                tensors = [tf.convert_to_tensor(x) for x in inputs]
+                structured, structure = tensors, (type(inputs), len(tensors))
+            else:  # a single array, a dict, nested lists
+                tensors = [tf.convert_to_tensor(x) for x in tf.nest.flatten(inputs)]
+                structured = tf.nest.pack_sequence_as(inputs, tensors)
+                structure = repr(tf.nest.map_structure(lambda _: None, inputs))
+            key = (structure, *((x.dtype, *x.shape) for x in tensors))
             call = concrete.get(key)
             if call is None:
-                call = concrete[key] = function.get_concrete_function(tensors[0] if single else tensors)
-            return call(tensors[0] if single else tensors)
+                call = concrete[key] = function.get_concrete_function(structured)
+            return call(structured)
 
         return run
     if name == "jax":
@@ -201,8 +207,9 @@ class IncrementalModel:
         if runner is None:
             # The cache (inputs of cache models only) is updated in place.
             donate = [i for i, x in enumerate(model.inputs) if x.name.startswith("Cache-Layer")]
-            # Steps have few shapes (row and cache-length buckets): each gets
-            # its own static-shape trace. Prompts vary in length: one generic trace.
+            # Steps have few shapes (row, cache-length and, for T5, source-length
+            # buckets): each gets its own static-shape trace. Prompts vary in
+            # length: one generic trace.
             runner = compiled_inference(model, donate_inputs=donate, exact_shapes=step)
             self._compiled[(model, step)] = runner
         return runner
@@ -212,6 +219,13 @@ class IncrementalModel:
         token_ids = np.asarray(token_ids, "int32")
         # Negative fill values (pad_value=-1, as GPT-2 needs) mean padding here too.
         token_ids = np.where(token_ids < 0, self.transformer.pad_token_id, token_ids)
+        # The encoder output is an input of every decoding step, which is
+        # compiled per shape: sources are padded to a multiple of 32 tokens
+        # (padding is masked in the encoder and in cross-attention).
+        length = token_ids.shape[1]
+        padding = -length % 32
+        if padding:
+            token_ids = np.pad(token_ids, ((0, 0), (0, padding)), constant_values=self.transformer.pad_token_id)
         return self._compiled_for(self.encoder)(token_ids)
 
     def cache_model(self, max_length):

@@ -1044,14 +1044,16 @@ class RecomputedBlock(keras.Model):
         forward = super().call
         if not training:
             return forward(inputs, training=training, mask=mask)
-        single = not isinstance(inputs, (list, tuple))
         dropouts = [
             layer
             for layer in self._flatten_layers(include_self=False)
             if isinstance(getattr(layer, "seed_generator", None), keras.random.SeedGenerator)
             and getattr(layer, "rate", 1) > 0
         ]
+        # Every input tensor, however nested, is an argument of the recomputed
+        # function: its floating ones get gradients.
         run = backend.recompute(
-            lambda *tensors: forward(tensors[0] if single else list(tensors), training=True), dropouts
+            lambda *tensors: forward(keras.tree.pack_sequence_as(inputs, list(tensors)), training=True, mask=mask),
+            dropouts,
         )
-        return run(*([inputs] if single else inputs))
+        return run(*keras.tree.flatten(inputs))

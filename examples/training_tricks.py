@@ -7,7 +7,7 @@
   with `apply_ema_weights()`;
 * `--adversarial EPS`: FGM adversarial training on the token embeddings
   (`bert4keras.adversarial.adversarial_training`);
-* `--recompute`: recompute each layer's activations in the backward pass
+* `--recompute`: recompute each transformer block's activations in the backward pass
   instead of keeping them (`build_transformer_model(..., recompute=True)`):
   less memory for more time.
 

@@ -126,6 +126,7 @@ class T5FullPrefixDecoder(AutoRegressiveDecoder):
         # are masked by the encoder and cross-attention, and later decoder
         # positions are invisible to the causal position read here.
         rows, length = output_ids.shape
+        assert rows <= 16 and length <= 8 and np.shape(inputs[0])[1] <= 16, "the fixed shape is too small"
         sources = sequence_padding(list(inputs[0]) + [[0]] * (16 - rows), length=16)
         outputs = sequence_padding(list(output_ids) + [[0]] * (16 - rows), length=8)
         probas = keras.ops.convert_to_numpy(self.run([sources.astype("int32"), outputs.astype("int32")]))

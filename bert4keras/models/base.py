@@ -148,10 +148,13 @@ class Transformer:
         the same layers (ALBERT's shared block) are one sub-model called
         again.
         """
-        y = function(x)
         if self.recompute is not True or self.decoding is not None:
-            return y
-        inputs = [x] + _tensors_read_by(y, x)
+            return function(x)
+        # Calls made before this block (e.g. T5's position bias, computed from
+        # the embeddings' shape) are inputs of the block even when they depend on x.
+        earlier = {id(node) for layer in self.layers.values() for node in layer._inbound_nodes}
+        y = function(x)
+        inputs = [x] + _tensors_read_by(y, x, earlier)
         block = RecomputedBlock(*_replay_on_new_inputs(inputs, y), name=name)
         key = tuple(id(layer) for layer in block.layers if not isinstance(layer, keras.layers.InputLayer))
         block = self._recomputed_blocks.setdefault(key, block)
@@ -412,9 +415,10 @@ class Transformer:
         return config
 
 
-def _tensors_read_by(output, x):
+def _tensors_read_by(output, x, earlier=()):
     """The symbolic tensors that the graph from `x` to `output` reads besides
-    `x`: inputs of its nodes that do not themselves depend on `x`."""
+    `x`: inputs of its nodes that do not themselves depend on `x`, and
+    outputs of the nodes in `earlier` (ids of calls made before the block)."""
     depends = {id(x): True}
     read = []
 
@@ -422,7 +426,7 @@ def _tensors_read_by(output, x):
         if id(tensor) not in depends:
             operation, node_index, _ = tensor._keras_history
             node = operation._inbound_nodes[node_index]
-            inputs = [] if node.is_input else node.input_tensors
+            inputs = [] if node.is_input or id(node) in earlier else node.input_tensors
             flags = [visit(t) for t in inputs]
             depends[id(tensor)] = any(flags)
             if depends[id(tensor)]:
