@@ -34,6 +34,7 @@ from keras import ops  # noqa: E402
 import chinese_model  # noqa: E402
 import datasets  # noqa: E402
 from bert4keras import build_transformer_model  # noqa: E402
+from bert4keras.heads import GlobalAveragePooling1D  # noqa: E402
 from bert4keras.layers import Loss  # noqa: E402
 from bert4keras.losses import masked_sequence_crossentropy  # noqa: E402
 from bert4keras.optimizers import Adam, extend_with_parameter_wise_lr  # noqa: E402
@@ -51,6 +52,8 @@ def parse_args():
     parser.add_argument("--lr", type=float, default=5e-5)
     parser.add_argument("--embedding-lr", type=float, default=20.0, help="learning-rate multiplier of the token embeddings")
     parser.add_argument("--layers", type=int, default=None, help="use only the first N transformer layers")
+    parser.add_argument("--pooling", choices=["mean", "cls"], default="mean",
+                        help="sentence vector: mean of the tokens (as all-MiniLM-L6-v2 was trained) or a linear [CLS] pooler")
     parser.add_argument("--text", nargs="*", default=[], help="query sentences shown after training")
     parser.add_argument("--smoke", action="store_true", help="tiny run: 64 pairs, 2 layers")
     args = parser.parse_args()
@@ -146,6 +149,11 @@ def main():
     )
     model = transformer.model
     pooled, probabilities = model.outputs
+    if args.pooling == "mean":  # over the first sentence's real tokens (the unilm mask keeps it blind to the second)
+        token_ids, segment_ids = model.inputs
+        hidden = model.get_layer(f"Transformer-{transformer.num_hidden_layers - 1}-FeedForward-Norm").output
+        first_sentence = ops.logical_and(ops.not_equal(token_ids, 0), ops.equal(segment_ids, 0))
+        pooled = GlobalAveragePooling1D(name="Mean-Pooling")([hidden, first_sentence])
     encoder = keras.Model(model.inputs, pooled)
     vectors = embed(encoder, tokenizer, sentences, args.maxlen)
     before = neighbour_retrieval(vectors @ vectors.T, paragraph_of, position_of)

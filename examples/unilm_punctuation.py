@@ -51,6 +51,10 @@ def parse_args():
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--embedding-lr", type=float, default=20.0, help="learning-rate multiplier of the token embeddings")
     parser.add_argument("--beam", type=int, default=3, help="beam size")
+    parser.add_argument("--mark-bias", type=float, default=0.0,
+                        help="added to the log-odds of a mark at each position (> 0: more marks)")
+    parser.add_argument("--free-end", action="store_true",
+                        help="let the model end without a sentence-final mark (the test sentences all have one)")
     parser.add_argument("--decode-batch", type=int, default=32, help="sentences decoded together")
     parser.add_argument("--layers", type=int, default=None, help="use only the first N transformer layers")
     parser.add_argument("--text", nargs="*", default=[], help="unpunctuated sentences to punctuate after training")
@@ -123,39 +127,49 @@ class PunctuationRestorer(CachedDecoder):
     and which (a mark against the probability of any non-mark token).
     """
 
-    def __init__(self, model, tokenizer, **kwargs):
+    def __init__(self, model, tokenizer, mark_bias=0.0, final_marks="。！？", **kwargs):
         super().__init__(model, end_id=tokenizer.token_end_id, **kwargs)
         tokens = [tokenizer.id_to_token(i) for i in range(tokenizer.vocab_size)]
         self.is_mark = np.array([len(token) == 1 and is_punctuation(token) for token in tokens])
         self.mark_ids = np.flatnonzero(self.is_mark)
+        self.is_final = np.array([token in set(final_marks or "") for token in tokens])
+        self.final_ids = np.flatnonzero(self.is_final)
+        self.mark_bias = mark_bias
 
     @AutoRegressiveDecoder.wraps(default_rtype="logits", use_states=True)
     def predict(self, inputs, output_ids, states):
         log_probs, states = super().predict(inputs, output_ids, states, rtype="logits")
+        return self.constrain(log_probs, inputs[0], output_ids), states
+
+    def constrain(self, log_probs, source_ids, output_ids):
+        """Scores (-inf: not allowed) of the next token of each row, from the model's log-probabilities."""
         # The next token is known unless it is a mark: "no mark here" gets all
         # the probability the model gives to other tokens, not just to the right one.
         no_mark = np.log1p(-np.minimum(np.exp(log_probs[:, self.mark_ids]).sum(axis=1), 1 - 1e-7))
         scores = np.full(log_probs.shape, -np.inf)
-        for row, (source, output) in enumerate(zip(inputs[0], output_ids)):
+        for row, (source, output) in enumerate(zip(source_ids, output_ids)):
             source = source[1 : list(source).index(self.end_id)]  # between [CLS] and [SEP]
             is_mark = self.is_mark[output]
             copied = int(np.sum(~is_mark))
-            scores[row, source[copied] if copied < len(source) else self.end_id] = no_mark[row]
-            if copied > 0 and not is_mark[-2:].all():  # at most two marks in a row
-                scores[row, self.mark_ids] = log_probs[row, self.mark_ids]
-        return scores, states
+            if copied < len(source):
+                scores[row, source[copied]] = no_mark[row]
+                if copied > 0 and not is_mark[-2:].all():  # at most two marks in a row
+                    scores[row, self.mark_ids] = log_probs[row, self.mark_ids] + self.mark_bias
+            elif not self.final_ids.size:
+                scores[row, self.end_id] = no_mark[row]
+                if not is_mark[-2:].all():
+                    scores[row, self.mark_ids] = log_probs[row, self.mark_ids] + self.mark_bias
+            elif self.is_final[output[-1]]:
+                scores[row, self.end_id] = 0.0  # a whole sentence ends right after its final mark
+            else:  # the source is copied: the model chooses the final mark
+                scores[row, self.final_ids] = log_probs[row, self.final_ids]
+        return scores
 
 
-def main():
-    args = parse_args()
-    start = time.time()
-    train = datasets.subset(whole_sentences("train", args.maxlen), args.train_size)
-    test = datasets.subset(whole_sentences("test", args.maxlen), args.test_size)
-    config, checkpoint, tokenizer = chinese_model.resolve(args)
+def train_model(args, train, config, checkpoint, tokenizer):
+    """The UniLM model, fine-tuned on (sentence without marks, sentence) pairs."""
     pairs = [tokenizer.encode(strip_punctuation(text), text) for text in train]
     generator = PairGenerator(pairs, args.batch_size, bucket_boundaries=args.buckets, length_fn=lambda item: len(item[0]))
-    print(f"{len(train)} training / {len(test)} test sentences, e.g. {strip_punctuation(train[0])} -> {train[0]}")
-
     # The MLM head (dense + norm + output bias) is new when the checkpoint has none.
     transformer = build_transformer_model(
         config, checkpoint, application="unilm", with_mlm=True, ignore_invalid_weights=True,
@@ -170,38 +184,63 @@ def main():
     )
     train_model.compile(optimizer)
     train_model.fit(datasets.training_batches(generator), steps_per_epoch=len(generator), epochs=args.epochs, shuffle=False)
+    return model
 
-    decoder = PunctuationRestorer(model, tokenizer, start_id=None, maxlen=2 * args.maxlen)
 
-    def punctuate(texts):
-        # In chunks: the beam rows of all texts at once would make one huge cache.
-        chunks = range(0, len(texts), args.decode_batch)
-        progress = keras.utils.Progbar(len(texts), unit_name="sentence")
-        outputs = []
-        for first in chunks:
-            inputs = [list(tokenizer.encode(text)) for text in texts[first : first + args.decode_batch]]
-            outputs += decoder.beam_search_batch(inputs, topk=args.beam)
-            progress.update(len(outputs))
-        return [tokenizer.decode(ids) for ids in outputs]
+def punctuate(decoder, tokenizer, texts, beam, batch_size):
+    """Punctuated `texts`, decoded in chunks: all beam rows at once would make one huge cache."""
+    progress = keras.utils.Progbar(len(texts), unit_name="sentence")
+    outputs = []
+    for first in range(0, len(texts), batch_size):
+        inputs = [list(tokenizer.encode(text)) for text in texts[first : first + batch_size]]
+        outputs += decoder.beam_search_batch(inputs, topk=beam)
+        progress.update(len(outputs))
+    return [tokenizer.decode(ids) for ids in outputs]
 
-    sources = [strip_punctuation(text).lower() for text in test]
-    predictions = punctuate(sources)
+
+def punctuation_scores(texts, predictions):
+    """Punctuation F1/precision/recall, exact copies of the source, and the F1 of "one 。 at the end"."""
     found = gold = right = exact_copies = baseline_right = 0
-    for text, source, prediction in zip(test, sources, predictions):
+    for text, prediction in zip(texts, predictions):
         truth, predicted = punctuation_marks(text.lower()), punctuation_marks(prediction)
         found, gold, right = found + len(predicted), gold + len(truth), right + len(predicted & truth)
-        exact_copies += strip_punctuation("".join(prediction.split())) == "".join(source.split())
-        baseline_right += (len(strip_punctuation("".join(text.split()))), "。", 1) in truth
-    f1 = 2 * right / max(found + gold, 1)
-    baseline_f1 = 2 * baseline_right / max(len(test) + gold, 1)
+        source = "".join(strip_punctuation(text).lower().split())
+        exact_copies += strip_punctuation("".join(prediction.split())) == source
+        baseline_right += (len(source), "。", 1) in truth
+    return {
+        "f1": 2 * right / max(found + gold, 1),
+        "precision": right / max(found, 1),
+        "recall": right / max(gold, 1),
+        "exact": exact_copies / len(texts),
+        "baseline_f1": 2 * baseline_right / max(len(texts) + gold, 1),
+    }
+
+
+def main():
+    args = parse_args()
+    start = time.time()
+    train = datasets.subset(whole_sentences("train", args.maxlen), args.train_size)
+    test = datasets.subset(whole_sentences("test", args.maxlen), args.test_size)
+    config, checkpoint, tokenizer = chinese_model.resolve(args)
+    print(f"{len(train)} training / {len(test)} test sentences, e.g. {strip_punctuation(train[0])} -> {train[0]}")
+    model = train_model(args, train, config, checkpoint, tokenizer)
+
+    decoder = PunctuationRestorer(
+        model, tokenizer, mark_bias=args.mark_bias, final_marks="" if args.free_end else "。！？",
+        start_id=None, maxlen=2 * args.maxlen,
+    )
+    sources = [strip_punctuation(text).lower() for text in test]
+    predictions = punctuate(decoder, tokenizer, sources, args.beam, args.decode_batch)
+    scores = punctuation_scores(test, predictions)
     for text, prediction in list(zip(test, predictions))[:5]:
         print(f"  {strip_punctuation(text)}\n    -> {prediction}\n    gold {text}")
-    for text, prediction in zip(args.text, punctuate(args.text) if args.text else []):
+    typed = punctuate(decoder, tokenizer, args.text, args.beam, args.decode_batch) if args.text else []
+    for text, prediction in zip(args.text, typed):
         print(f"{text} -> {prediction}")
     print(f"time: {time.time() - start:.0f} s")
-    print(f"source copied exactly: {exact_copies / len(test):.1%}")
-    print(f"punctuation F1: {f1:.2%}  (precision {right / max(found, 1):.2%}, recall {right / max(gold, 1):.2%}; "
-          f"'。 at the end' alone: {baseline_f1:.2%})")
+    print(f"source copied exactly: {scores['exact']:.1%}")
+    print(f"punctuation F1: {scores['f1']:.2%}  (precision {scores['precision']:.2%}, recall {scores['recall']:.2%}; "
+          f"'。 at the end' alone: {scores['baseline_f1']:.2%})")
 
 
 if __name__ == "__main__":

@@ -150,3 +150,48 @@ def test_punctuation_marks_by_hand():
     assert unilm_punctuation.strip_punctuation("你好,世界。") == "你好世界"
     assert unilm_punctuation.punctuation_marks("你好,世界。") == {(2, ",", 1), (4, "。", 1)}
     assert unilm_punctuation.punctuation_marks("“好”。") == {(0, "“", 1), (1, "”", 1), (1, "。", 1)}
+
+
+def test_punctuation_restorer_only_inserts_marks_and_ends_on_a_final_one():
+    """The decoding constraint by hand (uniform model scores), then a real cached beam search."""
+    import unilm_punctuation
+
+    from bert4keras import build_transformer_model
+    from bert4keras.tokenizers import Tokenizer
+
+    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "你", "好", "世", "界", "，", "。", "！"]
+    tokenizer = Tokenizer({token: i for i, token in enumerate(tokens)})
+    model = build_transformer_model(
+        vocab_size=len(tokens), hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=16, max_position=32, application="unilm", with_mlm=True,
+    )
+    source = np.array([2, 4, 5, 6, 7, 3])  # [CLS] 你好世界 [SEP]
+    outputs = [[], [4, 5], [4, 8, 9], [4, 5, 6, 7], [4, 5, 6, 7, 9]]
+    log_probs = np.full((len(outputs), len(tokens)), np.log(1 / len(tokens)))
+    marks, no_mark = [8, 9, 10], np.log(1 - 3 / len(tokens))
+
+    decoder = unilm_punctuation.PunctuationRestorer(model, tokenizer, mark_bias=1.0, start_id=None, maxlen=12)
+    scores = decoder.constrain(log_probs, [source] * len(outputs), outputs)
+    allowed = [set(np.flatnonzero(np.isfinite(row))) for row in scores]
+    assert allowed == [{4}, {6, *marks}, {5}, {9, 10}, {3}]  # no leading mark, <= 2 in a row, a final mark, then the end
+    np.testing.assert_allclose(scores[1, 6], no_mark)
+    np.testing.assert_allclose(scores[1, marks], np.log(1 / len(tokens)) + 1.0)  # the bias shifts the marks' log-odds
+    assert scores[4, 3] == 0.0
+
+    free = unilm_punctuation.PunctuationRestorer(model, tokenizer, final_marks="", start_id=None, maxlen=12)
+    row = free.constrain(log_probs, [source], [[4, 5, 6, 7]])[0]
+    assert set(np.flatnonzero(np.isfinite(row))) == {3, *marks}
+
+    token_ids, segment_ids = tokenizer.encode("你好世界")
+    output = tokenizer.decode(decoder.beam_search_batch([[token_ids, segment_ids]], topk=2)[0])
+    assert unilm_punctuation.strip_punctuation(output.replace(" ", "")) == "你好世界" and output[-1] in "。！"
+
+
+def test_punctuation_scores_by_hand():
+    import unilm_punctuation
+
+    scores = unilm_punctuation.punctuation_scores(["你好，世界。", "好！"], ["你好世界。", "好。"])
+    # gold marks: 3, predicted: 2, right: 1 (the first sentence's 。)
+    assert scores["precision"] == 0.5 and abs(scores["recall"] - 1 / 3) < 1e-12
+    assert abs(scores["f1"] - 2 * 1 / (2 + 3)) < 1e-12 and scores["exact"] == 1.0
+    assert abs(scores["baseline_f1"] - 2 * 1 / (2 + 3)) < 1e-12
