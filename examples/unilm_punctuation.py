@@ -122,7 +122,8 @@ class PunctuationRestorer(CachedDecoder):
 
     At each step a row may emit the next source token, a punctuation mark
     (not before the first source token, at most two in a row), or the end
-    token once the whole source is copied: the output is always the source
+    token once the whole source is copied, right after one of `final_marks`
+    (none: anywhere after the source). The output is always the source
     with marks inserted, and the model's scores decide where the marks go
     and which (a mark against the probability of any non-mark token).
     """
@@ -132,7 +133,7 @@ class PunctuationRestorer(CachedDecoder):
         tokens = [tokenizer.id_to_token(i) for i in range(tokenizer.vocab_size)]
         self.is_mark = np.array([len(token) == 1 and is_punctuation(token) for token in tokens])
         self.mark_ids = np.flatnonzero(self.is_mark)
-        self.is_final = np.array([token in set(final_marks or "") for token in tokens])
+        self.is_final = np.isin(tokens, list(final_marks or ""))
         self.final_ids = np.flatnonzero(self.is_final)
         self.mark_bias = mark_bias
 
@@ -151,18 +152,16 @@ class PunctuationRestorer(CachedDecoder):
             source = source[1 : list(source).index(self.end_id)]  # between [CLS] and [SEP]
             is_mark = self.is_mark[output]
             copied = int(np.sum(~is_mark))
-            if copied < len(source):
-                scores[row, source[copied]] = no_mark[row]
-                if copied > 0 and not is_mark[-2:].all():  # at most two marks in a row
-                    scores[row, self.mark_ids] = log_probs[row, self.mark_ids] + self.mark_bias
-            elif not self.final_ids.size:
-                scores[row, self.end_id] = no_mark[row]
-                if not is_mark[-2:].all():
-                    scores[row, self.mark_ids] = log_probs[row, self.mark_ids] + self.mark_bias
-            elif self.is_final[output[-1]]:
-                scores[row, self.end_id] = 0.0  # a whole sentence ends right after its final mark
-            else:  # the source is copied: the model chooses the final mark
-                scores[row, self.final_ids] = log_probs[row, self.final_ids]
+            if copied == len(source) and self.final_ids.size:  # a whole sentence: its final mark, then the end
+                if self.is_final[output[-1]]:
+                    scores[row, self.end_id] = 0.0
+                else:
+                    scores[row, self.final_ids] = log_probs[row, self.final_ids]
+                continue
+            scores[row, source[copied] if copied < len(source) else self.end_id] = no_mark[row]
+            if copied > 0 and not is_mark[-2:].all():  # at most two marks in a row
+                # mark_bias shifts the log-odds of "a mark here" (> 0: more marks)
+                scores[row, self.mark_ids] = log_probs[row, self.mark_ids] + self.mark_bias
         return scores
 
 
