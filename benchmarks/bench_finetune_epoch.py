@@ -24,7 +24,8 @@ equally (same data, model and epochs), not what a pretrained model reaches.
 Pipelines (each as its documentation shows it):
   bert4keras  Tokenizer.encode once, `DataGenerator(..., bucket_boundaries=
               --buckets, length_fn=...)`: batches of similar lengths padded to
-              their bucket's bound, `model.fit` (TensorFlow: `to_dataset()`).
+              their bucket's bound, `fit_generator` (one graph per bucket
+              shape on TensorFlow).
   keras_hub   `BertTextClassifier` with its `BertTextClassifierPreprocessor
               (sequence_length=--maxlen)`, `fit(texts, labels, batch_size=32)`:
               tokenization in tf.data, every batch padded to --maxlen.
@@ -118,7 +119,7 @@ def run_bert4keras(backend, args, train, test, vocab):
     import numpy as np
 
     from bert4keras import build_transformer_model
-    from bert4keras.snippets import DataGenerator, bucket_by_length, sequence_padding
+    from bert4keras.snippets import DataGenerator, bucket_by_length, fit_generator, sequence_padding
     from bert4keras.tokenizers import Tokenizer
 
     class Batches(DataGenerator):
@@ -148,11 +149,10 @@ def run_bert4keras(backend, args, train, test, vocab):
     model = keras.Model(bert.inputs, keras.layers.Dense(2, dtype="float32")(x))
     model.compile(keras.optimizers.AdamW(args.lr, weight_decay=0.01),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    # TensorFlow: a dataset whose sequence axis is unknown, so one graph serves every bucket.
-    data = train_batches.to_dataset() if backend == "tensorflow" else train_batches.forfit()
     prepare = time.perf_counter() - start
     timer = EpochTimer()
-    model.fit(data, steps_per_epoch=len(train_batches), epochs=args.epochs, callbacks=[timer], verbose=0)
+    # one train_on_batch per batch: on TensorFlow one graph per bucket shape (see fit_generator)
+    fit_generator(model, train_batches, epochs=args.epochs, callbacks=[timer], verbose=0)
     right = total = 0
     for x, y in test_batches.fortest():
         right += int((np.asarray(model.predict_on_batch(x)).argmax(-1) == y).sum())

@@ -29,7 +29,7 @@ import datasets  # noqa: E402
 from bert4keras import build_transformer_model  # noqa: E402
 from bert4keras.heads import ConditionalRandomField  # noqa: E402
 from bert4keras.optimizers import Adam, extend_with_parameter_wise_lr  # noqa: E402
-from bert4keras.snippets import DataGenerator, sequence_padding  # noqa: E402
+from bert4keras.snippets import DataGenerator, fit_generator, sequence_padding  # noqa: E402
 
 TAGS = ["S", "B", "M", "E"]
 
@@ -146,7 +146,7 @@ def main():
         learning_rate=args.lr, paramwise_lr_schedule={"Embedding-Token": args.embedding_lr}
     )
     model.compile(optimizer, loss=crf.sparse_loss, metrics=[crf.sparse_accuracy])
-    model.fit(datasets.training_batches(train_generator), steps_per_epoch=len(train_generator), epochs=args.epochs, shuffle=False)
+    fit_generator(model, train_generator, epochs=args.epochs)
 
     precision, recall, f1 = evaluate(model, crf, test_items, train_generator.bucket_boundaries, args.batch_size)
     for text in args.text:

@@ -189,23 +189,6 @@ def load_segmentation(split="train", maxlen=100):
     return samples
 
 
-def training_batches(generator, seq_dims=1):
-    """What to give `model.fit` for a bert4keras DataGenerator: shuffled batches, forever.
-
-    On TensorFlow, Keras reads a Python generator's shapes from its first two
-    batches and rejects later batches of another length; `to_dataset()` makes
-    the sequence axes (the `seq_dims` axes after the batch axis) unknown
-    instead, so length-bucketed batches work. Other backends take the
-    generator as it is. The batches come shuffled: pass `shuffle=False` to
-    `fit` (Keras cannot shuffle a stream, and says so otherwise).
-    """
-    import keras
-
-    if keras.backend.backend() == "tensorflow":
-        return generator.to_dataset(seq_dims=seq_dims)
-    return generator.forfit()
-
-
 def subset(data, size, seed=SEED):
     """`size` items of `data` drawn with a fixed seed, in their original order (all if size is 0/None)."""
     if not size or size >= len(data):

@@ -27,7 +27,7 @@ from bert4keras import build_transformer_model  # noqa: E402
 from bert4keras.heads import GlobalPointer, decode_spans  # noqa: E402
 from bert4keras.losses import GlobalPointerF1, global_pointer_crossentropy  # noqa: E402
 from bert4keras.optimizers import Adam, extend_with_parameter_wise_lr  # noqa: E402
-from bert4keras.snippets import DataGenerator, sequence_padding  # noqa: E402
+from bert4keras.snippets import DataGenerator, fit_generator, sequence_padding  # noqa: E402
 
 TYPES = datasets.ENTITY_TYPES
 
@@ -119,7 +119,7 @@ def main():
         learning_rate=args.lr, paramwise_lr_schedule={"Embedding-Token": args.embedding_lr}
     )
     model.compile(optimizer, loss=global_pointer_crossentropy, metrics=[GlobalPointerF1()])
-    model.fit(datasets.training_batches(train_generator, seq_dims=3), steps_per_epoch=len(train_generator), epochs=args.epochs, shuffle=False)
+    fit_generator(model, train_generator, epochs=args.epochs)
 
     precision, recall, f1 = evaluate(model, test_items, train_generator.bucket_boundaries, args.batch_size)
     for text in args.text:

@@ -38,7 +38,7 @@ from bert4keras.heads import GlobalAveragePooling1D  # noqa: E402
 from bert4keras.layers import Loss  # noqa: E402
 from bert4keras.losses import masked_sequence_crossentropy  # noqa: E402
 from bert4keras.optimizers import Adam, extend_with_parameter_wise_lr  # noqa: E402
-from bert4keras.snippets import AutoRegressiveDecoder, DataGenerator, sequence_padding  # noqa: E402
+from bert4keras.snippets import AutoRegressiveDecoder, DataGenerator, fit_generator, sequence_padding  # noqa: E402
 
 
 def parse_args():
@@ -166,7 +166,7 @@ def main():
     )
     train_model.compile(optimizer)
     generator = PairGenerator(train, args.batch_size, tokenizer, args.maxlen)
-    train_model.fit(datasets.training_batches(generator), steps_per_epoch=len(generator), epochs=args.epochs, shuffle=False)
+    fit_generator(train_model, generator, epochs=args.epochs)
 
     vectors = embed(encoder, tokenizer, sentences, args.maxlen)
     after = neighbour_retrieval(vectors @ vectors.T, paragraph_of, position_of)

@@ -42,6 +42,7 @@ from bert4keras.optimizers import (  # noqa: E402
     extend_with_gradient_accumulation,
     extend_with_parameter_wise_lr,
 )
+from bert4keras.snippets import fit_generator  # noqa: E402
 from sentiment import ReviewGenerator, accuracy  # noqa: E402
 
 
@@ -108,7 +109,7 @@ def main():
     settings = {k: v for k, v in vars(args).items() if k in ("grad_accum_steps", "ema", "adversarial", "recompute")}
     print(f"{len(train)} training / {len(test)} test reviews; {settings}")
     start = time.time()
-    model.fit(datasets.training_batches(train_generator), steps_per_epoch=len(train_generator), epochs=args.epochs, shuffle=False)
+    fit_generator(model, train_generator, epochs=args.epochs)
     seconds = time.time() - start
     if args.ema is not None:
         optimizer.apply_ema_weights()  # evaluate the averaged weights

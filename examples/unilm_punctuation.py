@@ -37,7 +37,7 @@ from bert4keras.generation import CachedDecoder  # noqa: E402
 from bert4keras.layers import Loss  # noqa: E402
 from bert4keras.losses import masked_sequence_crossentropy  # noqa: E402
 from bert4keras.optimizers import Adam, extend_with_parameter_wise_lr  # noqa: E402
-from bert4keras.snippets import AutoRegressiveDecoder, DataGenerator, sequence_padding  # noqa: E402
+from bert4keras.snippets import AutoRegressiveDecoder, DataGenerator, fit_generator, sequence_padding  # noqa: E402
 
 
 def parse_args():
@@ -182,7 +182,7 @@ def train_model(args, train, config, checkpoint, tokenizer):
         learning_rate=args.lr, paramwise_lr_schedule={"Embedding-Token": args.embedding_lr}
     )
     train_model.compile(optimizer)
-    train_model.fit(datasets.training_batches(generator), steps_per_epoch=len(generator), epochs=args.epochs, shuffle=False)
+    fit_generator(train_model, generator, epochs=args.epochs)
     return model
 
 

@@ -17,6 +17,7 @@ from bert4keras.snippets import (
     DataGenerator,
     ViterbiDecoder,
     bucket_by_length,
+    fit_generator,
     gather_states,
     length_boundaries,
     lowercase_and_normalize,
@@ -384,6 +385,77 @@ def test_data_generator_buffered_shuffle_without_len():
     # emitted earlier than position i - 19.
     positions = np.argsort(out)
     assert np.all(positions >= np.arange(500) - 19)
+
+
+class SequenceRegression(DataGenerator):
+    """Batches (features (batch, length, 3), targets (batch, 1)), padded to the bucket's bound."""
+
+    def __iter__(self, random=False):
+        features, targets = [], []
+        for is_end, (x, y) in self.sample(random):
+            features.append(x)
+            targets.append([y])
+            if len(features) == self.batch_size or is_end:
+                yield sequence_padding(features, length=self.pad_length), np.array(targets, "float32")
+                features, targets = [], []
+
+
+def _regression_data(count, max_length, seed=0):
+    rng = np.random.default_rng(seed)
+    data = []
+    for _ in range(count):
+        x = rng.normal(size=(int(rng.integers(1, max_length + 1)), 3)).astype("float32")
+        data.append((x, float(x[:, 0].sum() - x[:, 2].mean())))
+    return data
+
+
+def _regression_model(seed=0):
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((None, 3))
+    hidden = keras.layers.Dense(8, activation="tanh")(inputs)
+    outputs = keras.layers.Dense(1)(keras.layers.GlobalAveragePooling1D()(hidden))
+    model = keras.Model(inputs, outputs)
+    optimizer = keras.optimizers.Adam(0.05, use_ema=True, ema_momentum=0.5)
+    model.compile(optimizer, "mse", metrics=["mae"])
+    return model
+
+
+def test_fit_generator_equals_model_fit():
+    """Same batches in the same order: the same weights (EMA swapped in) and the same logs as `fit`."""
+    data = [(x[:1].repeat(5, axis=0), y) for x, y in _regression_data(10, 5)]  # one shape for `fit`
+    generator = SequenceRegression(data, batch_size=4)  # batches of 4, 4, 2
+    ours, reference = _regression_model(), _regression_model()
+    initial = [w.copy() for w in ours.get_weights()]
+    history = fit_generator(ours, generator, epochs=3, verbose=0, random=False)
+    expected = reference.fit(generator.forfit(random=False), steps_per_epoch=len(generator), epochs=3, verbose=0, shuffle=False)
+    for got, want, start in zip(ours.get_weights(), reference.get_weights(), initial):
+        assert not np.allclose(got, start)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert sorted(history.history) == sorted(expected.history) == ["loss", "mae"]
+    for name in ("loss", "mae"):  # per-epoch means, not the last batch's values
+        np.testing.assert_allclose(history.history[name], expected.history[name], rtol=1e-5)
+
+
+def test_fit_generator_buckets_callbacks_and_errors():
+    data = _regression_data(60, 30)
+    generator = SequenceRegression(data, batch_size=8, bucket_boundaries=[8, 16, 30], length_fn=lambda d: len(d[0]))
+    seen = collections.Counter()
+
+    class Record(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            seen[generator.pad_length] += 1
+
+        def on_epoch_end(self, epoch, logs=None):
+            seen["epochs"] += 1
+            self.model.stop_training = epoch == 1  # stop after the second of five epochs
+
+    model = _regression_model()
+    history = fit_generator(model, generator, epochs=5, callbacks=[Record()], verbose=0)
+    assert seen["epochs"] == 2 and len(history.history["loss"]) == 2
+    assert sum(seen[bound] for bound in (8, 16, 30)) == 2 * len(generator)
+    assert set(seen) == {8, 16, 30, "epochs"}  # every batch padded to its bucket's bound
+    with pytest.raises(ValueError, match="no batch"):
+        fit_generator(model, SequenceRegression([], batch_size=8), verbose=0)
 
 
 def test_to_dataset_batches_and_names():
