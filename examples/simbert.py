@@ -3,7 +3,10 @@
 SimBERT trains one UniLM model on pairs of related sentences with two losses
 at once: generate one side of the pair from the other (seq2seq, `unilm`
 mask), and pick each sentence's partner among all the sentences of the batch
-from their [CLS] vectors (cosine similarity x 30, softmax over the batch).
+from their sentence vectors (cosine similarity x 30, softmax over the batch).
+The vector is the mean of the sentence's token states by default (as
+all-MiniLM-L6-v2, the body of the default Chinese model, was trained), or
+SimBERT's linear [CLS] pooler with `--pooling cls`.
 With no paraphrase corpus at hand, the pairs here are adjacent sentences of
 the same People's Daily paragraph (topically related sentences).
 
@@ -54,6 +57,7 @@ def parse_args():
     parser.add_argument("--layers", type=int, default=None, help="use only the first N transformer layers")
     parser.add_argument("--pooling", choices=["mean", "cls"], default="mean",
                         help="sentence vector: mean of the tokens (as all-MiniLM-L6-v2 was trained) or a linear [CLS] pooler")
+    parser.add_argument("--seed", type=int, default=2024, help="seeds shuffling, dropout and new weights")
     parser.add_argument("--text", nargs="*", default=[], help="query sentences shown after training")
     parser.add_argument("--smoke", action="store_true", help="tiny run: 64 pairs, 2 layers")
     args = parser.parse_args()
@@ -86,7 +90,7 @@ class PairGenerator(DataGenerator):
 
 
 class SimBERTLoss(Loss):
-    """Seq2seq cross-entropy on the second sentence + in-batch similarity of the [CLS] vectors."""
+    """Seq2seq cross-entropy on the second sentence + in-batch similarity of the sentence vectors."""
 
     def compute_loss(self, inputs):
         token_ids, segment_ids, pooled, probabilities = inputs
@@ -132,6 +136,7 @@ def tfidf_similarity(sentences):
 
 def main():
     args = parse_args()
+    keras.utils.set_random_seed(args.seed)
     start = time.time()
     train = datasets.subset(adjacent_pairs(datasets.load_people_daily_paragraphs("train", args.maxlen)), args.train_size)
     test = [p for p in datasets.load_people_daily_paragraphs("test", args.maxlen) if len(p) > 1]
@@ -143,14 +148,15 @@ def main():
     print(f"{len(train)} training pairs; {len(sentences)} held-out sentences in {len(test)} paragraphs")
 
     transformer = build_transformer_model(
-        config, checkpoint, application="unilm", with_pool="linear", with_mlm=True,
+        config, checkpoint, application="unilm", with_pool="linear" if args.pooling == "cls" else False, with_mlm=True,
         ignore_invalid_weights=True,  # the MLM head is new when the checkpoint has none
         return_keras_model=False, **({} if args.layers is None else {"num_hidden_layers": args.layers}),
     )
     model = transformer.model
-    pooled, probabilities = model.outputs
-    if args.pooling == "mean":  # over the first sentence's real tokens (the unilm mask keeps it blind to the second)
-        token_ids, segment_ids = model.inputs
+    if args.pooling == "cls":
+        pooled, probabilities = model.outputs
+    else:  # over the first sentence's real tokens (the unilm mask keeps it blind to the second)
+        probabilities, (token_ids, segment_ids) = model.output, model.inputs
         hidden = model.get_layer(f"Transformer-{transformer.num_hidden_layers - 1}-FeedForward-Norm").output
         first_sentence = ops.logical_and(ops.not_equal(token_ids, 0), ops.equal(segment_ids, 0))
         pooled = GlobalAveragePooling1D(name="Mean-Pooling")([hidden, first_sentence])

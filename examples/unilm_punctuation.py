@@ -50,6 +50,7 @@ def parse_args():
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--embedding-lr", type=float, default=20.0, help="learning-rate multiplier of the token embeddings")
+    parser.add_argument("--seed", type=int, default=2024, help="seeds shuffling, dropout and new weights")
     parser.add_argument("--beam", type=int, default=3, help="beam size")
     parser.add_argument("--mark-bias", type=float, default=0.0,
                         help="added to the log-odds of a mark at each position (> 0: more marks)")
@@ -217,6 +218,7 @@ def punctuation_scores(texts, predictions):
 
 def main():
     args = parse_args()
+    keras.utils.set_random_seed(args.seed)
     start = time.time()
     train = datasets.subset(whole_sentences("train", args.maxlen), args.train_size)
     test = datasets.subset(whole_sentences("test", args.maxlen), args.test_size)
