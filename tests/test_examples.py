@@ -168,14 +168,15 @@ def test_punctuation_restorer_only_inserts_marks_and_ends_on_a_final_one():
     source = np.array([2, 4, 5, 6, 7, 3])  # [CLS] 你好世界 [SEP]
     outputs = [[], [4, 5], [4, 8, 9], [4, 5, 6, 7], [4, 5, 6, 7, 9]]
     log_probs = np.full((len(outputs), len(tokens)), np.log(1 / len(tokens)))
-    marks, no_mark = [8, 9, 10], np.log(1 - 3 / len(tokens))
+    marks, no_mark = [8, 9, 10], np.log(1 - 1 / len(tokens))  # inside a sentence only ， (8) may go
 
     decoder = unilm_punctuation.PunctuationRestorer(model, tokenizer, mark_bias=1.0, start_id=None, maxlen=12)
     scores = decoder.constrain(log_probs, [source] * len(outputs), outputs)
     allowed = [set(np.flatnonzero(np.isfinite(row))) for row in scores]
-    assert allowed == [{4}, {6, *marks}, {5}, {9, 10}, {3}]  # no leading mark, <= 2 in a row, a final mark, then the end
+    # no leading mark, <= 2 in a row, 。！ only at the end, then the end token
+    assert allowed == [{4}, {6, 8}, {5}, {9, 10}, {3}]
     np.testing.assert_allclose(scores[1, 6], no_mark)
-    np.testing.assert_allclose(scores[1, marks], np.log(1 / len(tokens)) + 1.0)  # the bias shifts the marks' log-odds
+    np.testing.assert_allclose(scores[1, 8], np.log(1 / len(tokens)) + 1.0)  # the bias shifts the marks' log-odds
     assert scores[4, 3] == 0.0
 
     free = unilm_punctuation.PunctuationRestorer(model, tokenizer, final_marks="", start_id=None, maxlen=12)
