@@ -4,6 +4,8 @@ import inspect
 import json
 import os
 
+import keras
+
 from bert4keras.models.base import Transformer, accepted_arguments  # noqa: F401
 
 # Families are imported on first use; each entry is "module:attribute".
@@ -90,6 +92,7 @@ def build_transformer_model(
     model=None,
     application=None,
     return_keras_model=True,
+    dtype=None,
     **kwargs,
 ):
     """Builds a transformer and optionally loads a checkpoint into it.
@@ -100,7 +103,11 @@ def build_transformer_model(
     model: one of `MODELS`; by default the config's family (an HF config's
     model_type, or the `bert4keras_model` key that `bert4keras.convert`
     writes), else 'bert'. application: 'encoder', 'lm' or 'unilm' (default: the family's
-    own, 'encoder' for BERT-like models). Keyword
+    own, 'encoder' for BERT-like models). dtype: a Keras dtype policy for
+    this model's layers, e.g. 'bfloat16' (weights stored and computed in
+    bf16: inference at half the memory and without casting every weight on
+    every call) or 'mixed_bfloat16' (float32 weights, bf16 compute: for
+    training); default: the global policy, which stays as it was. Keyword
     arguments override config values (e.g. with_pool=True, keep_tokens=...).
 
     >>> model = build_transformer_model(                 # doctest: +SKIP
@@ -133,8 +140,14 @@ def build_transformer_model(
     config.update(kwargs)
     if application is not None:  # None: the family's own default ('encoder', GPT's 'lm', ...)
         config["application"] = application
-    transformer = cls(**{k: v for k, v in config.items() if k in valid})
-    transformer.build()
+    previous_policy = keras.config.dtype_policy()
+    if dtype is not None:  # layers take the global policy when they are made
+        keras.config.set_dtype_policy(dtype)
+    try:
+        transformer = cls(**{k: v for k, v in config.items() if k in valid})
+        transformer.build()
+    finally:
+        keras.config.set_dtype_policy(previous_policy)
     if checkpoint_path is not None:
         transformer.load_weights_from_checkpoint(checkpoint_path)
     return transformer.model if return_keras_model else transformer
