@@ -243,14 +243,14 @@ class Worker:
         f = tf.function(tf.matmul)
         return self.time_calls(lambda: f(a, b).numpy(), 1, 0.0, calls)
 
-    def bf16_error(self, batch, seq):
-        """Max and mean |bf16 - fp32| of the last hidden states, same weights."""
+    def bf16_error(self, batch, seq, dtype="bf16"):
+        """Max and mean |`dtype` - fp32| of the last hidden states, same weights."""
         import numpy as np
 
         fp32, x = self.model("infer", "fp32"), self.inputs(batch, seq, seed=1)[0]
         weights = fp32.get_weights()
         reference = np.asarray(fp32.predict_on_batch(x), "float32")
-        bf16 = self.model("infer", "bf16")
+        bf16 = self.model("infer", dtype)
         bf16.set_weights(weights)
         out = np.asarray(bf16.predict_on_batch(x), "float32")
         diff = np.abs(out - reference)
@@ -262,7 +262,7 @@ class Worker:
         if op == "gemm":
             return self.gemm(request["shape"], request["dtype"], request["calls"])
         if op == "bf16_error":
-            return self.bf16_error(request["batch"], request["seq"])
+            return self.bf16_error(request["batch"], request["seq"], request.get("dtype", "bf16"))
         if op == "versions":
             return versions(self.library, self.backend)
         fn = self.step_fn(op, request["batch"], request["seq"], request["dtype"])
@@ -560,13 +560,15 @@ def main():
     if args.bf16_check and OURS in [c.split("/")[0] for c in candidates]:
         print("\n### bf16 vs fp32 last hidden states (bert4keras, 8 x 128, same weights)\n")
         for w in workers:
-            if w.candidate.startswith(OURS + "/"):
-                e = w.ask(op="bf16_error", batch=8, seq=128)
+            for dtype in [d for d in dtypes if d != "fp32"] or ["bf16"]:
+                if not w.candidate.startswith(OURS + "/"):
+                    continue
+                e = w.ask(op="bf16_error", batch=8, seq=128, dtype=dtype)
                 if "error" in e:
-                    print(f"- {w.candidate}: error {e['error']}")
+                    print(f"- {w.candidate} {dtype}: error {e['error']}")
                 else:
-                    print(f"- {w.candidate}: max |diff| {e['max_abs']:.4f}, mean |diff| {e['mean_abs']:.5f} "
-                          f"(mean |fp32| {e['ref_mean_abs']:.3f})")
+                    print(f"- {w.candidate} {dtype}: max |diff| {e['max_abs']:.4f}, mean |diff| "
+                          f"{e['mean_abs']:.5f} (mean |fp32| {e['ref_mean_abs']:.3f})")
     for w in workers:
         w.close()
     print(f"\nTotal {time.time() - started:.0f} s; load average at end {load_average():.1f}")
