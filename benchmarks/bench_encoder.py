@@ -73,6 +73,7 @@ class Worker:
 
             if threads:
                 torch.set_num_threads(threads)
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
             return
         os.environ["KERAS_BACKEND"] = backend
         import keras  # noqa: F401  (fixes the backend now)
@@ -147,10 +148,10 @@ class Worker:
             hidden_dropout_prob=p, attention_probs_dropout_prob=p, num_labels=2,
         )
         if task == "train":
-            model = transformers.BertForSequenceClassification(config).train()
+            model = transformers.BertForSequenceClassification(config).to(self.device).train()
             model.optimizer = torch.optim.AdamW(model.parameters(), lr=2e-5, weight_decay=0.01)
         else:
-            model = transformers.BertModel(config).eval()
+            model = transformers.BertModel(config).to(self.device).eval()
             if dtype == "bf16w":
                 model = model.to(torch.bfloat16)
         return model
@@ -172,10 +173,10 @@ class Worker:
         import torch
 
         return {
-            "input_ids": torch.from_numpy(token_ids.astype("int64")),
-            "token_type_ids": torch.from_numpy(segment_ids.astype("int64")),
-            "attention_mask": torch.ones(batch, seq, dtype=torch.int64),
-        }, torch.from_numpy(labels.astype("int64"))
+            "input_ids": torch.from_numpy(token_ids.astype("int64")).to(self.device),
+            "token_type_ids": torch.from_numpy(segment_ids.astype("int64")).to(self.device),
+            "attention_mask": torch.ones(batch, seq, dtype=torch.int64, device=self.device),
+        }, torch.from_numpy(labels.astype("int64")).to(self.device)
 
     # -- timed calls ----------------------------------------------------
 
@@ -188,11 +189,14 @@ class Worker:
             return lambda: model.train_on_batch(x, y)
         import torch
 
-        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16")
+        autocast = torch.autocast(self.device, dtype=torch.bfloat16, enabled=dtype == "bf16")
         if task == "infer":
             def run():
                 with torch.inference_mode(), autocast:
-                    return model(**x).last_hidden_state
+                    out = model(**x).last_hidden_state
+                if self.device == "cuda":
+                    torch.cuda.synchronize()  # Keras calls return host arrays: time the same work
+                return out
             return run
 
         def train():
@@ -222,8 +226,14 @@ class Worker:
             import torch
 
             t = torch.bfloat16 if dtype == "bf16" else torch.float32
-            a, b = torch.randn(m, k).to(t), torch.randn(k, n).to(t)
-            return self.time_calls(lambda: torch.matmul(a, b), 1, 0.0, calls)
+            a, b = torch.randn(m, k).to(self.device, t), torch.randn(k, n).to(self.device, t)
+
+            def product():
+                out = torch.matmul(a, b)
+                if self.device == "cuda":
+                    torch.cuda.synchronize()
+                return out
+            return self.time_calls(product, 1, 0.0, calls)
         import numpy as np
 
         a, b = np.random.rand(m, k).astype("float32"), np.random.rand(k, n).astype("float32")
@@ -354,6 +364,15 @@ def load_average():
         return os.getloadavg()[0]
     except OSError:
         return float("nan")
+
+
+def gpu_names():
+    """', '-joined GPU names from nvidia-smi, or '' where there is none."""
+    try:
+        listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True).stdout
+    except OSError:
+        return ""
+    return ", ".join(line.split(":", 1)[1].split("(")[0].strip() for line in listed.splitlines() if ":" in line)
 
 
 def cpu_name():
@@ -508,7 +527,9 @@ def main():
     seqs, batches = parse_list(args.seqs, int), parse_list(args.batches, int)
 
     started = time.time()
+    gpus = gpu_names()
     print(f"# bench_encoder — {datetime.datetime.now():%Y-%m-%d %H:%M}, {cpu_name()}, "
+          + (f"GPU {gpus}, " if gpus else "") +
           f"{os.cpu_count()} CPUs, {platform.machine()}, Python {platform.python_version()}, "
           f"load average at start {load_average():.1f}; threads {args.threads or 'default'}, clock {args.clock}", flush=True)
     workers = []

@@ -299,18 +299,28 @@ class LayerNormalization(keras.layers.Layer):
         return config
 
 
+def _jax_on_cpu():
+    import jax
+
+    return jax.default_backend() == "cpu"
+
+
 def _matmul(a, b, dtype=None, transpose_b=False):
     """`a @ b` (or `a @ b^T` over the last two axes) in a's dtype (or `dtype`).
 
-    Fast for half precision on JAX: XLA:CPU converts both operands of a
-    bf16 x bf16 -> bf16 product to float32 first; asked for a float32 result
-    it runs its native bf16 kernels (2.7x faster on an AVX-512 BF16 CPU).
-    Either way the sum is accumulated in float32, so the values are those of
-    `ops.matmul`. transpose_b reads b transposed without materialising the
-    transpose on TensorFlow (XLA folds it into the product by itself).
+    Fast for half precision on JAX on CPU: XLA:CPU converts both operands of
+    a bf16 x bf16 -> bf16 product to float32 first; asked for a float32
+    result it runs its native bf16 kernels (2.7x faster on an AVX-512 BF16
+    CPU). Either way the sum is accumulated in float32, so the values are
+    those of `ops.matmul`. Not on GPUs: there the gradient of that form
+    multiplies a float32 cotangent by a bf16 operand, which XLA runs as a
+    float32 product (on an H200 the bf16 training step at 32 x 128 rose
+    from 0.41x to 0.60x of KerasHub's on JAX without it; benchmarks/README.md).
+    transpose_b reads b transposed without materialising the transpose on
+    TensorFlow (XLA folds it into the product by itself).
     """
     name = backend.backend_name()
-    if name == "jax" and keras.backend.standardize_dtype(a.dtype) in ("bfloat16", "float16"):
+    if name == "jax" and keras.backend.standardize_dtype(a.dtype) in ("bfloat16", "float16") and _jax_on_cpu():
         import jax.numpy as jnp
 
         product = jnp.matmul(a, jnp.swapaxes(b, -1, -2) if transpose_b else b, preferred_element_type="float32")
