@@ -236,20 +236,20 @@ def test_mixed_bfloat16_runs_and_masks(tmp_path):
 
 @pytest.mark.parametrize("dtype, weight_dtype", [("bfloat16", "bfloat16"), ("mixed_bfloat16", "float32")])
 def test_dtype_argument_sets_this_model_policy_only(tmp_path, dtype, weight_dtype):
-    float_model = build_transformer_model(tiny_config(tmp_path), return_keras_model=False, with_mlm=True)
+    float_model = build_transformer_model(tiny_config(tmp_path), return_keras_model=False)
     prefix = float_model.save_weights_as_checkpoint(str(tmp_path / "ckpt" / "bert_model.ckpt"))
     token_ids, segment_ids = sample_inputs()
     expected = float_model.model.predict([token_ids, segment_ids], verbose=0)
-    model = build_transformer_model(tiny_config(tmp_path), prefix, dtype=dtype, with_mlm=True)
+    model = build_transformer_model(tiny_config(tmp_path), prefix, dtype=dtype)
     assert keras.config.dtype_policy().name == "float32"  # the global policy is left alone
     assert {v.dtype for v in model.weights} == {weight_dtype}
     out = keras.ops.convert_to_numpy(keras.ops.cast(model([token_ids, segment_ids]), "float32"))
     dense_layers = [layer for layer in model._flatten_layers() if isinstance(layer, keras.layers.Dense)]
     assert dense_layers and {layer.compute_dtype for layer in dense_layers} == {"bfloat16"}
-    # bf16 keeps ~3 significant digits; MLM probabilities of a 2-layer model
-    assert np.abs(out - expected).max() < 0.05
+    # last hidden states (layer-normalised, mean |value| ~0.8); bf16 keeps ~3 significant digits
+    assert np.abs(out - expected).mean() < 0.02 and np.abs(out - expected).max() < 0.1
     short = keras.ops.cast(model([token_ids[1:2, :6], segment_ids[1:2, :6]]), "float32")
-    np.testing.assert_allclose(keras.ops.convert_to_numpy(short)[0], out[1, :6], atol=0.02)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(short)[0], out[1, :6], atol=0.05)
     # a model built afterwards without dtype= is float32 again
     assert {v.dtype for v in build_transformer_model(tiny_config(tmp_path)).weights} == {"float32"}
 
