@@ -156,6 +156,13 @@ class Worker:
                 model = model.to(torch.bfloat16)
         return model
 
+    def synchronize(self):
+        """Waits for PyTorch's queued GPU work (CUDA calls return before it is done)."""
+        if self.device == "cuda":
+            import torch
+
+            torch.cuda.synchronize()
+
     # -- inputs ---------------------------------------------------------
 
     def inputs(self, batch, seq, seed=0):
@@ -194,8 +201,7 @@ class Worker:
             def run():
                 with torch.inference_mode(), autocast:
                     out = model(**x).last_hidden_state
-                if self.device == "cuda":
-                    torch.cuda.synchronize()  # Keras calls return host arrays: time the same work
+                self.synchronize()  # Keras calls return host arrays: time the work to the end
                 return out
             return run
 
@@ -230,8 +236,7 @@ class Worker:
 
             def product():
                 out = torch.matmul(a, b)
-                if self.device == "cuda":
-                    torch.cuda.synchronize()
+                self.synchronize()
                 return out
             return self.time_calls(product, 1, 0.0, calls)
         import numpy as np
@@ -580,10 +585,8 @@ def main():
 
     if args.bf16_check and OURS in [c.split("/")[0] for c in candidates]:
         print("\n### bf16 vs fp32 last hidden states (bert4keras, 8 x 128, same weights)\n")
-        for w in workers:
+        for w in [w for w in workers if w.candidate.startswith(OURS + "/")]:
             for dtype in [d for d in dtypes if d != "fp32"] or ["bf16"]:
-                if not w.candidate.startswith(OURS + "/"):
-                    continue
                 e = w.ask(op="bf16_error", batch=8, seq=128, dtype=dtype)
                 if "error" in e:
                     print(f"- {w.candidate} {dtype}: error {e['error']}")
