@@ -22,6 +22,7 @@ import collections
 import glob
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -35,8 +36,8 @@ def is_matmul(op_type):
     return name == "mm" or any(word in name for word in ("matmul", "addmm", "bmm", "einsum", "linear"))
 
 
-def profile_tensorflow(fn, calls):
-    """Self time (us) per TensorFlow op type over `calls` calls of `fn`."""
+def profile_tensorflow(fn, calls, by_name=False):
+    """Self time (us) per TensorFlow op type (or type and name) over `calls` calls of `fn`."""
     import tensorflow as tf
     from xprof.convert import raw_to_tool_data
 
@@ -53,17 +54,20 @@ def profile_tensorflow(fn, calls):
     table = tables[0] if isinstance(tables, list) else tables
     columns = [c["label"] for c in table["cols"]]
     type_col, self_col = columns.index("Operation Type"), columns.index("Total self-time (us)")
+    name_col = columns.index("Operation Name")
     host_col = columns.index("Host/device") if "Host/device" in columns else None
     times = collections.Counter()
     for row in table["rows"]:
         cells = [c["v"] if c is not None else None for c in row["c"]]
         if (host_col is not None and cells[host_col] != "Host") or cells[type_col] == "IDLE":
             continue
-        times[cells[type_col]] += float(cells[self_col])
+        # by name, layer numbers folded: one row per kind of product across the layers
+        key = f"{cells[type_col]} {re.sub(r'[0-9]+', 'N', cells[name_col])}" if by_name else cells[type_col]
+        times[key] += float(cells[self_col])
     return times
 
 
-def profile_torch(fn, calls):
+def profile_torch(fn, calls, by_name=False):
     """Self CPU time (us) per aten op over `calls` calls of `fn`."""
     import torch
 
@@ -89,7 +93,7 @@ def worker(args):
         fn()
     wall = (time.perf_counter() - start) / args.calls
     profile = profile_torch if args.library == "hf" else profile_tensorflow
-    times = profile(fn, args.calls)
+    times = profile(fn, args.calls, by_name=args.by_name)
     print(json.dumps({"wall_ms": wall * 1e3, "op_ms": {k: v / 1e3 / args.calls for k, v in times.items()}}))
 
 
@@ -106,6 +110,9 @@ def main():
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--calls", type=int, default=5)
     parser.add_argument("--top", type=int, default=12, help="op types listed per library")
+    parser.add_argument("--by-name", action="store_true",
+                        help="TensorFlow: one row per op type and name (layer numbers folded to N), "
+                             "to compare, say, each layer's products")
     parser.add_argument("--library", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.library:
@@ -118,7 +125,8 @@ def main():
         if library not in ("bert4keras", "keras_hub", "hf"):
             parser.error(f"unknown library {library!r}; valid: bert4keras, keras_hub, hf")
         command = [sys.executable, os.path.abspath(__file__), "--library", library] + [
-            f"--{k}={getattr(args, k)}" for k in ("task", "batch", "seq", "dtype", "layers", "dropout", "warmup", "calls")]
+            f"--{k}={getattr(args, k)}" for k in ("task", "batch", "seq", "dtype", "layers", "dropout", "warmup", "calls")
+        ] + (["--by-name"] if args.by_name else [])
         done = subprocess.run(command, env=env, capture_output=True, text=True)
         lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
         if done.returncode or not lines:
@@ -130,11 +138,12 @@ def main():
         matmul = sum(v for k, v in op_ms.items() if is_matmul(k))
         print(f"## {library}: {result['wall_ms']:.1f} ms per call unprofiled; profiled op self-time "
               f"{total:.1f} ms per call, {matmul / total:.0%} of it in matrix products\n")
-        print("| op type | ms per call | share |\n| --- | ---: | ---: |")
+        label = "op type and name" if args.by_name else "op type"
+        print(f"| {label} | ms per call | share |\n| --- | ---: | ---: |")
         for name, ms in op_ms.most_common(args.top):
             print(f"| {name} | {ms:.2f} | {ms / total:.1%} |")
         rest = total - sum(ms for _, ms in op_ms.most_common(args.top))
-        print(f"| (other {max(len(op_ms) - args.top, 0)} types) | {rest:.2f} | {rest / total:.1%} |\n")
+        print(f"| (other {max(len(op_ms) - args.top, 0)} rows) | {rest:.2f} | {rest / total:.1%} |\n")
 
 
 if __name__ == "__main__":
