@@ -30,6 +30,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+
 def is_matmul(op_type):
     """TensorFlow (_Fused)MatMul, BatchMatMulV2, Einsum; PyTorch aten::mm, addmm, bmm, matmul, linear."""
     name = op_type.lower().split("::")[-1]

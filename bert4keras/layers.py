@@ -345,9 +345,7 @@ def _explicit_attention_is_faster():
     if _EXPLICIT_ATTENTION is None:
         name = backend.backend_name()
         if name == "jax":
-            import jax
-
-            _EXPLICIT_ATTENTION = jax.default_backend() == "cpu"
+            _EXPLICIT_ATTENTION = _jax_on_cpu()
         elif name == "tensorflow":
             import tensorflow as tf
 
