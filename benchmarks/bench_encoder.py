@@ -14,7 +14,9 @@ layers, 12 heads, intermediate 3072, vocabulary 30522):
   infer  encoder inference throughput (sequences/s) per sequence length,
          batch size and dtype: last hidden states of full-length inputs;
   train  one fine-tuning step: forward + backward + AdamW on a 2-class head
-         over the pooled [CLS] output, dropout 0.1, as each library trains.
+         over the pooled [CLS] output, dropout 0.1, as each library trains
+         (bert4keras.optimizers.AdamW, keras.optimizers.AdamW for KerasHub,
+         torch.optim.AdamW; lr 2e-5, weight decay 0.01 on every weight).
 
 Candidates are library/backend pairs: bert4keras/{tensorflow,jax},
 keras_hub/{tensorflow,jax} and hf/torch. Each runs in its own worker process
@@ -129,8 +131,14 @@ class Worker:
             else:
                 model = backbone
         if train:
+            if self.library == OURS:  # each library's own AdamW, same hyperparameters
+                from bert4keras.optimizers import AdamW
+
+                optimizer = AdamW(2e-5, weight_decay_rate=0.01)
+            else:
+                optimizer = keras.optimizers.AdamW(2e-5, weight_decay=0.01)
             model.compile(
-                optimizer=keras.optimizers.AdamW(2e-5, weight_decay=0.01),
+                optimizer=optimizer,
                 loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
             )
         keras.config.set_dtype_policy("float32")

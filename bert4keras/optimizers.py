@@ -203,11 +203,13 @@ def _read(variable):
     """A snapshot of a (Keras or backend) variable's current value.
 
     On TF, `ops.convert_to_tensor` returns a tf.Variable unchanged (it counts
-    as a tensor), so later arithmetic would see later writes; read it now.
+    as a tensor), and on PyTorch the variable's own storage, which `assign`
+    overwrites in place; so later arithmetic would see later writes. Read it
+    now (JAX arrays are immutable; the copy costs nothing under jit).
     """
     if _is_tensorflow():
         return tf.identity(_unwrap(variable))
-    return ops.convert_to_tensor(variable)
+    return ops.copy(ops.convert_to_tensor(variable))
 
 
 def _dense(gradient):
@@ -333,12 +335,32 @@ class _WeightDecay(_OptimizerExtension):
             self._weight_decay_patterns, variable
         )
 
+    def _inner_step_ignores_weights(self):
+        """Whether the update rule inside this extension never reads w.
+
+        Then w - step - lr*rate*w == (w - lr*rate*w) - step, and decaying
+        first needs no copy of the old weights (on TF a copy of each weight
+        plus two more passes over it). The inner classes that define
+        `update_step` are checked against the rules known to qualify; anything
+        else (LAMB's trust ratio, AdaFactor's parameter scale, a user's
+        subclass) gets the general form.
+        """
+        mro = type(self).__mro__
+        for cls in mro[mro.index(_WeightDecay) + 1:]:
+            if "update_step" not in cls.__dict__ or cls in _STEPS_BLIND_TO_WEIGHTS:
+                continue
+            return cls in _RULES_BLIND_TO_WEIGHTS
+        return False
+
     def update_step(self, gradient, variable, learning_rate):
         if not self._decays(variable):
             return super().update_step(gradient, variable, learning_rate)
+        rate = ops.cast(learning_rate, variable.dtype) * self.weight_decay_rate
+        if self._inner_step_ignores_weights():
+            self.assign(variable, ops.multiply(variable, 1 - rate))
+            return super().update_step(gradient, variable, learning_rate)
         old = _read(variable)
         super().update_step(gradient, variable, learning_rate)
-        rate = ops.cast(learning_rate, variable.dtype) * self.weight_decay_rate
         self.assign_sub(variable, ops.multiply(rate, old))
 
     def get_config(self):
@@ -1142,11 +1164,50 @@ class Adam(_OptimizerExtension, keras.optimizers.Adam):
     those of a dense gradient. Same arguments as `keras.optimizers.Adam`;
     every class made by `extend_with_*` does the same.
 
+    On TensorFlow the step runs as TensorFlow's fused Adam kernel
+    (`ResourceApplyAdam`: one pass over the weight and its two moments, the
+    same formula as Keras' Adam) instead of Keras' dozen separate element-wise
+    ops, each a pass over memory. On BERT-base that is most of an AdamW
+    step's cost at small batches (see benchmarks/README.md). `amsgrad=True`
+    and the other backends run Keras' own step (JAX and PyTorch fuse it
+    already).
+
     ```python
     model.compile(optimizer=Adam(learning_rate=2e-5), loss=...)
     ```
     """
 
+    def update_step(self, gradient, variable, learning_rate):
+        if not _is_tensorflow() or self.amsgrad:
+            return super().update_step(gradient, variable, learning_rate)
+        dtype = variable.dtype
+        index = self._get_variable_index(variable)
+        beta_1 = tf.cast(self.beta_1, dtype)
+        beta_2 = tf.cast(self.beta_2, dtype)
+        step = tf.cast(self.iterations + 1, dtype)
+        # A sparse (embedding) gradient becomes dense here with its repeated
+        # rows summed, as the dense update needs.
+        gradient = tf.cast(_dense(gradient), dtype)
+        tf.raw_ops.ResourceApplyAdam(
+            var=_unwrap(variable).handle,
+            m=_unwrap(self._momentums[index]).handle,
+            v=_unwrap(self._velocities[index]).handle,
+            beta1_power=beta_1**step,
+            beta2_power=beta_2**step,
+            lr=tf.cast(learning_rate, dtype),
+            beta1=beta_1,
+            beta2=beta_2,
+            epsilon=tf.cast(self.epsilon, dtype),
+            grad=gradient,
+        )
+
+
+# For _WeightDecay._inner_step_ignores_weights: extensions whose update_step
+# only rescales the inner step, and update rules that never read the weights.
+_STEPS_BLIND_TO_WEIGHTS = (_OptimizerExtension, _ParameterWiseLR)
+_RULES_BLIND_TO_WEIGHTS = (
+    Adam, keras.optimizers.Adam, keras.optimizers.SGD, keras.optimizers.Lion,
+)
 
 # The combinations bert4keras users know by name.
 AdamW = extend_with_weight_decay(Adam, name="AdamW")
