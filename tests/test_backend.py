@@ -388,6 +388,19 @@ def test_gelu_is_the_erf_form():
     assert np.max(np.abs(tanh_form - expected)) > 1e-5
 
 
+def test_gelu_keeps_bfloat16_and_is_exact_to_its_rounding():
+    """Mixed precision hands GELU bfloat16; on TF it computes in float32 and
+    rounds once, so the result is the float64 value rounded to bfloat16
+    (relative 2**-8), also for negative inputs where 1 + erf cancels."""
+    x = ops.cast(ops.convert_to_tensor(X_ACT), "bfloat16")
+    got = backend.get_activation("gelu")(x)
+    assert keras.backend.standardize_dtype(got.dtype) == "bfloat16"
+    x64 = to_numpy(ops.cast(x, "float32")).astype("float64")
+    expected = np.array([0.5 * v * (1.0 + math.erf(v / math.sqrt(2.0))) for v in x64.tolist()])
+    got64 = to_numpy(ops.cast(got, "float32")).astype("float64")
+    np.testing.assert_allclose(got64, expected, rtol=2.0**-8, atol=1e-6)
+
+
 @pytest.mark.parametrize("name", ["gelu_new", "gelu_tanh", "gelu_pytorch_tanh"])
 def test_gelu_new_is_the_tanh_form(name):
     x = X_ACT.astype(float)
