@@ -22,22 +22,32 @@ def backend_name():
 def gelu_erf(x):
     """GELU with the exact erf form (BERT, RoBERTa): x * (1 + erf(x / sqrt 2)) / 2.
 
-    On TensorFlow the formula is written out in float32: `tf.nn.gelu` goes
-    through erfc, which TensorFlow's CPU kernels evaluate 3.6x slower than erf
-    in float32 and 9x slower in bfloat16 (mixed precision), and the whole GELU
-    with its gradient ran 1.3x slower in float32 and 1.5-1.7x in bfloat16
-    (benchmarks/bench_gelu.py). Both forms are within 5e-7 of a float64
-    reference. In float32 also on JAX, whose own GELU evaluates bfloat16
-    inputs in bfloat16 (up to 5% off for negative inputs, where 1 + erf
-    cancels); XLA fuses the casts. PyTorch's fused GELU computes in float32
-    already.
+    Written out rather than `keras.activations.gelu`, for speed
+    (benchmarks/bench_gelu.py):
+
+    * TensorFlow: `tf.nn.gelu` goes through erfc, which the CPU kernels
+      evaluate 3x slower than erf in float32 and 8x slower in bfloat16; in
+      training (where nothing fuses it) the whole GELU with its gradient was
+      1.3x slower in float32 and 1.7x in bfloat16. The operands are in the
+      order of TensorFlow's MatMul + BiasAdd + GELU fusion pattern, so in
+      inference the GELU still runs inside the matmul kernel (in float32).
+      Unfused, bfloat16 inputs are computed in bfloat16: where 1 + erf
+      cancels (x < -1) that costs up to |x| * 2**-9 absolute (0.004 at
+      x = -2), the size of bfloat16's own rounding of x.
+    * JAX: computed in float32 (XLA fuses the casts); Keras' GELU computes
+      bfloat16 inputs in bfloat16 and was 1.8x slower with its gradient.
+    * PyTorch: its own fused GELU, which computes in float32.
     """
     if backend_name() == "torch":
         return keras.activations.gelu(x, approximate=False)
-    dtype = x.dtype
-    x = ops.cast(x, "float32")
-    y = 0.5 * x * (1.0 + ops.erf(x * 0.7071067811865476))
-    return ops.cast(y, dtype)
+    if backend_name() == "jax":
+        dtype = x.dtype
+        x = ops.cast(x, "float32")
+        return ops.cast((ops.erf(x * _SQRT_HALF) + 1.0) * (x * 0.5), dtype)
+    return (ops.erf(x * _SQRT_HALF) + 1.0) * (x * 0.5)
+
+
+_SQRT_HALF = 0.7071067811865476
 
 
 @keras.saving.register_keras_serializable(package="bert4keras")

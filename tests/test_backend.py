@@ -388,17 +388,21 @@ def test_gelu_is_the_erf_form():
     assert np.max(np.abs(tanh_form - expected)) > 1e-5
 
 
-def test_gelu_keeps_bfloat16_and_is_exact_to_its_rounding():
-    """Mixed precision hands GELU bfloat16; on TF it computes in float32 and
-    rounds once, so the result is the float64 value rounded to bfloat16
-    (relative 2**-8), also for negative inputs where 1 + erf cancels."""
-    x = ops.cast(ops.convert_to_tensor(X_ACT), "bfloat16")
+def test_gelu_keeps_bfloat16_within_its_rounding():
+    """Mixed precision hands GELU bfloat16. JAX and PyTorch compute it in
+    float32 and round once: the float64 value within bfloat16's relative
+    2**-8. TensorFlow computes unfused bfloat16 in bfloat16 (its inference
+    fuses GELU into the matmul): rounding 1 + erf adds up to |x| * 2**-9."""
+    x = ops.cast(ops.convert_to_tensor(np.linspace(-5.0, 5.0, 1001)), "bfloat16")
     got = backend.get_activation("gelu")(x)
     assert keras.backend.standardize_dtype(got.dtype) == "bfloat16"
     x64 = to_numpy(ops.cast(x, "float32")).astype("float64")
     expected = np.array([0.5 * v * (1.0 + math.erf(v / math.sqrt(2.0))) for v in x64.tolist()])
-    got64 = to_numpy(ops.cast(got, "float32")).astype("float64")
-    np.testing.assert_allclose(got64, expected, rtol=2.0**-8, atol=1e-6)
+    error = np.abs(to_numpy(ops.cast(got, "float32")).astype("float64") - expected)
+    bound = np.abs(expected) * 2.0**-8 + 1e-6  # 1e-6: float32 1 + erf in the far tail
+    if keras.backend.backend() == "tensorflow":
+        bound += np.abs(x64) * 2.0**-9
+    assert np.all(error <= bound), float(np.max(error / bound))
 
 
 @pytest.mark.parametrize("name", ["gelu_new", "gelu_tanh", "gelu_pytorch_tanh"])
