@@ -28,7 +28,7 @@ def gelu_erf(x):
     * TensorFlow: `tf.nn.gelu` goes through erfc, which the CPU kernels
       evaluate 3-5x slower than erf in float32 and 8-9x slower in bfloat16;
       in training (where nothing fuses it) the whole GELU with its gradient
-      was 1.3-1.4x slower in float32 and 1.7-1.9x in bfloat16. The operands are in the
+      was 1.4x slower in float32 and 1.9x in bfloat16. The operands are in the
       order of TensorFlow's MatMul + BiasAdd + GELU fusion pattern, so in
       inference the GELU still runs inside the matmul kernel (in float32).
       Unfused, bfloat16 inputs are computed in bfloat16: where 1 + erf
