@@ -31,17 +31,20 @@ class Embedding(keras.layers.Layer):
         self.embeddings_initializer = keras.initializers.get(embeddings_initializer)
 
     def build(self, input_shape=None):
+        # No autocast: under mixed precision a lookup casts the rows it took,
+        # not the whole table (30522 x 768 for BERT-base) on every call.
         self.embeddings = self.add_weight(
             shape=(self.input_dim, self.output_dim),
             initializer=self.embeddings_initializer,
             name="embeddings",
+            autocast=False,
         )
 
     def call(self, inputs, mode="embedding"):
         if mode == "embedding":
             if "int" not in str(inputs.dtype):
                 inputs = ops.cast(inputs, "int32")
-            return ops.take(self.embeddings, inputs, axis=0)
+            return ops.cast(ops.take(self.embeddings, inputs, axis=0), self.compute_dtype)
         if mode == "dense":
             kernel = ops.cast(self.embeddings, self.compute_dtype)
             return ops.matmul(inputs, ops.transpose(kernel))
@@ -126,10 +129,11 @@ class PositionEmbedding(keras.layers.Layer):
         self.custom_position_ids = custom_position_ids
 
     def build(self, input_shape=None):
-        self.embeddings = self.add_weight(
+        self.embeddings = self.add_weight(  # no autocast, as in Embedding
             shape=(self.input_dim, self.output_dim),
             initializer=self.embeddings_initializer,
             name="embeddings",
+            autocast=False,
         )
 
     def call(self, inputs, position_ids=None):
@@ -151,7 +155,7 @@ class PositionEmbedding(keras.layers.Layer):
 
                 with tf.control_dependencies([check]):
                     position_ids = tf.identity(position_ids)
-        table = ops.cast(self.embeddings, self.compute_dtype)
+        table = self.embeddings
         if self.hierarchical:
             alpha = 0.4 if self.hierarchical is True else self.hierarchical
             table = (table - alpha * table[:1]) / (1 - alpha)
@@ -160,6 +164,7 @@ class PositionEmbedding(keras.layers.Layer):
             embeddings = alpha * high + (1 - alpha) * low
         else:
             embeddings = ops.take(table, position_ids, axis=0)
+        embeddings = ops.cast(embeddings, self.compute_dtype)
         if self.merge_mode == "add":
             return inputs + embeddings
         if self.merge_mode == "mul":

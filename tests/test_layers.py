@@ -91,6 +91,30 @@ def test_embedding_round_trip():
     check_round_trip(layer, lambda l: l(ids))
 
 
+def test_mixed_precision_lookups_cast_the_rows_not_the_table():
+    """Under mixed_bfloat16 the tables stay float32 and only the looked-up rows
+    are cast: casting the whole table on every call cost BERT-base 5 ms per
+    call on the 2-core CPU (30522 x 768 values), more than a 1-layer forward."""
+    ids = np.array([[1, 2, 10], [0, 5, 5]], dtype="int32")
+    emb = layers.Embedding(11, 6, embeddings_initializer="normal", dtype="mixed_bfloat16")
+    pos = layers.PositionEmbedding(11, 6, embeddings_initializer="normal", dtype="mixed_bfloat16")
+    h = emb(ids)
+    out = pos(h)
+    assert emb.embeddings.dtype == "float32" and pos.embeddings.dtype == "float32"
+    assert "bfloat16" in str(h.dtype) and "bfloat16" in str(out.dtype)
+    bf16 = lambda x: to_numpy(ops.cast(ops.cast(x, "bfloat16"), "float32"))
+    rows = bf16(to_numpy(emb.embeddings)[ids])
+    np.testing.assert_array_equal(to_numpy(ops.cast(h, "float32")), rows)
+    want = bf16(rows + bf16(to_numpy(pos.embeddings)[:3]))
+    np.testing.assert_array_equal(to_numpy(ops.cast(out, "float32")), want)
+    if ON_TF:
+        import tensorflow as tf
+
+        graph = tf.function(lambda x: pos(emb(x))).get_concrete_function(tf.constant(ids)).graph
+        cast_shapes = [tuple(op.inputs[0].shape) for op in graph.get_operations() if op.type == "Cast"]
+        assert (11, 6) not in cast_shapes, cast_shapes
+
+
 # ---------------------------------------------------------------------------
 # PositionEmbedding
 # ---------------------------------------------------------------------------
