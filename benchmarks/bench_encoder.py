@@ -23,7 +23,9 @@ keras_hub/{tensorflow,jax} and hf/torch. Each runs in its own worker process
 (a Keras backend is fixed per process); the driver measures one
 configuration on every candidate in turn and repeats that round, so load
 from other jobs falls on all candidates alike. A figure is the median over
-all timed calls of all rounds. Keras models run as users run them
+all timed calls of all rounds. `--sequential` runs the candidates one after
+the other instead (one worker alive at a time), for sizes where several
+models do not fit in memory together. Keras models run as users run them
 (`predict_on_batch`, `train_on_batch` after `compile`), HF models under
 `torch.inference_mode()` or with `loss.backward()` and `torch.optim.AdamW`;
 bf16 is Keras's `mixed_bfloat16` policy and `torch.autocast('cpu',
@@ -486,6 +488,50 @@ def print_task(task, results, candidates, configs, limits, layers, loads):
         print("| " + " | ".join(row) + " |")
 
 
+def task_configs(task, dtypes, seqs, batches, args):
+    configs = []
+    for dtype in dtypes:  # dtype outermost: each worker rebuilds its model rarely
+        for seq in seqs:
+            for batch in batches:
+                if task == "train" and dtype == "bf16w":
+                    continue  # bf16 weights are an inference setting
+                if task == "train" and batch * seq > args.max_train_tokens:
+                    print(f"(skipping train {batch} x {seq}: over --max-train-tokens)", flush=True)
+                    continue
+                configs.append((seq, batch, dtype))
+    return configs
+
+
+def measure(workers, args, tasks, dtypes, shapes, configs, results, loads, bf16_errors):
+    """Time every requested configuration on `workers`, into `results` and `loads`."""
+    if "gemm" in tasks:
+        for dtype in ("fp32", "bf16"):
+            for shape in shapes:
+                key = ("gemm", dtype, shape)
+                loads[key] = measure_rounds(workers, {"op": "gemm", "shape": shape, "dtype": dtype, "calls": 3},
+                                            args.repeats, results, key)
+    for task, task_list in configs.items():
+        for seq, batch, dtype in task_list:
+            key = (task, seq, batch, dtype)
+            request = {"op": task, "seq": seq, "batch": batch, "dtype": dtype, "warmup": args.warmup,
+                       "min_time": args.min_time, "max_calls": args.max_calls}
+            load = measure_rounds(workers, request, args.repeats, results, key)
+            loads[key] = max(load, loads.get(key, 0.0))
+            times = {w.candidate: summarize(results.get(key + (w.candidate,), {})) for w in workers}
+            print(f"  {task} seq {seq} batch {batch} {dtype}: "
+                  + ", ".join(f"{c} {fmt(None if t is None else batch / t)}/s" for c, t in times.items()),
+                  flush=True)
+    if args.bf16_check:
+        for w in [w for w in workers if w.candidate.startswith(OURS + "/")]:
+            for dtype in [d for d in dtypes if d != "fp32"] or ["bf16"]:
+                e = w.ask(op="bf16_error", batch=8, seq=128, dtype=dtype)
+                if "error" in e:
+                    bf16_errors.append(f"- {w.candidate} {dtype}: error {e['error']}")
+                else:
+                    bf16_errors.append(f"- {w.candidate} {dtype}: max |diff| {e['max_abs']:.4f}, mean |diff| "
+                                       f"{e['mean_abs']:.5f} (mean |fp32| {e['ref_mean_abs']:.3f})")
+
+
 def parse_list(text, cast=str):
     return [cast(x) for x in text.split(",") if x]
 
@@ -523,6 +569,10 @@ def main():
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                         help="tabulate wall-clock seconds, or process CPU seconds (with --threads 1 this "
                              "is nearly independent of other jobs on the machine)")
+    parser.add_argument("--sequential", action="store_true",
+                        help="run the candidates one after the other, each worker closed before the next "
+                             "starts, instead of in turn per configuration: less memory (one model at a "
+                             "time), but load from other jobs no longer falls on all alike")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -545,64 +595,35 @@ def main():
           + (f"GPU {gpus}, " if gpus else "") +
           f"{os.cpu_count()} CPUs, {platform.machine()}, Python {platform.python_version()}, "
           f"load average at start {load_average():.1f}; threads {args.threads or 'default'}, clock {args.clock}", flush=True)
-    workers = []
-    for c in candidates:
-        try:
-            workers.append(WorkerProcess(c, args))
-        except RuntimeError as error:
-            print(f"skipping {c}: {error}", file=sys.stderr)
-    candidates = [w.candidate for w in workers]
-    all_versions = {}
-    for w in workers:
-        all_versions.update(w.ask(op="versions"))
+    configs = {task: task_configs(task, dtypes, seqs, batches, args) for task in ("infer", "train") if task in tasks}
+    shapes = [(n, n, n) for n in parse_list(args.gemm_sizes, int)]
+    shapes.append((4096, HIDDEN, INTERMEDIATE))  # the feed-forward's first product at 32 x 128 tokens
+    # Together, every configuration is timed on all candidates in turn; with
+    # --sequential each candidate runs alone, its worker closed before the
+    # next starts (memory: one model and allocator pool at a time).
+    groups = [[c] for c in candidates] if args.sequential else [candidates]
+    results, loads, all_versions, bf16_errors, measured = {}, {}, {}, [], []
+    for group in groups:
+        workers = []
+        for c in group:
+            try:
+                workers.append(WorkerProcess(c, args))
+            except RuntimeError as error:
+                print(f"skipping {c}: {error}", file=sys.stderr)
+        for w in workers:
+            all_versions.update(w.ask(op="versions"))
+        measure(workers, args, tasks, dtypes, shapes, configs, results, loads, bf16_errors)
+        measured += [w.candidate for w in workers]
+        for w in workers:
+            w.close()
+    candidates = [c for c in candidates if c in measured]
     print("versions: " + ", ".join(f"{k} {v}" for k, v in sorted(all_versions.items())), flush=True)
-
-    results, loads, limits = {}, {}, {}
-    if "gemm" in tasks:
-        shapes = [(n, n, n) for n in parse_list(args.gemm_sizes, int)]
-        shapes.append((4096, HIDDEN, INTERMEDIATE))  # the feed-forward's first product at 32 x 128 tokens
-        for dtype in ("fp32", "bf16"):
-            for shape in shapes:
-                key = ("gemm", dtype, shape)
-                loads[key] = measure_rounds(workers, {"op": "gemm", "shape": shape, "dtype": dtype, "calls": 3},
-                                            args.repeats, results, key)
-        limits = print_gemm(results, candidates, shapes)
-    for task in ("infer", "train"):
-        if task not in tasks:
-            continue
-        configs = []
-        for dtype in dtypes:  # dtype outermost: each worker rebuilds its model rarely
-            for seq in seqs:
-                for batch in batches:
-                    if task == "train" and dtype == "bf16w":
-                        continue  # bf16 weights are an inference setting
-                    if task == "train" and batch * seq > args.max_train_tokens:
-                        print(f"(skipping train {batch} x {seq}: over --max-train-tokens)", flush=True)
-                        continue
-                    configs.append((seq, batch, dtype))
-        for seq, batch, dtype in configs:
-            key = (task, seq, batch, dtype)
-            request = {"op": task, "seq": seq, "batch": batch, "dtype": dtype, "warmup": args.warmup,
-                       "min_time": args.min_time, "max_calls": args.max_calls}
-            loads[key] = measure_rounds(workers, request, args.repeats, results, key)
-            times = {c: summarize(results.get(key + (c,), {})) for c in candidates}
-            print(f"  {task} seq {seq} batch {batch} {dtype}: "
-                  + ", ".join(f"{c} {fmt(None if t is None else batch / t)}/s" for c, t in times.items()),
-                  flush=True)
-        print_task(task, results, candidates, configs, limits, args.layers, loads)
-
-    if args.bf16_check and OURS in [c.split("/")[0] for c in candidates]:
+    limits = print_gemm(results, candidates, shapes) if "gemm" in tasks else {}
+    for task, task_list in configs.items():
+        print_task(task, results, candidates, task_list, limits, args.layers, loads)
+    if bf16_errors:
         print("\n### bf16 vs fp32 last hidden states (bert4keras, 8 x 128, same weights)\n")
-        for w in [w for w in workers if w.candidate.startswith(OURS + "/")]:
-            for dtype in [d for d in dtypes if d != "fp32"] or ["bf16"]:
-                e = w.ask(op="bf16_error", batch=8, seq=128, dtype=dtype)
-                if "error" in e:
-                    print(f"- {w.candidate} {dtype}: error {e['error']}")
-                else:
-                    print(f"- {w.candidate} {dtype}: max |diff| {e['max_abs']:.4f}, mean |diff| "
-                          f"{e['mean_abs']:.5f} (mean |fp32| {e['ref_mean_abs']:.3f})")
-    for w in workers:
-        w.close()
+        print("\n".join(bf16_errors))
     print(f"\nTotal {time.time() - started:.0f} s; load average at end {load_average():.1f}")
     if args.json:
         with open(args.json, "w") as f:
