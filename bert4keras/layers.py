@@ -605,11 +605,17 @@ class MultiHeadAttention(keras.layers.Layer):
         # fused op would run, the logits are float32 as in that op; otherwise
         # they are in the compute dtype, as returned to the caller.
         logits_dtype = "float32" if fused else qw.dtype
+        if scale != 1.0:
+            # On the queries (q_len x hidden values per sequence), not on the
+            # scores (heads x q_len x k_len): one pass over the scores less
+            # (BERT-base, 8 x 512, bf16: Mul op time 67 -> 39 ms per forward).
+            # Exact where the scale is a power of two (head size 64); else one
+            # more rounding of q (MiniLM's bf16-vs-fp32 error unchanged).
+            qw = qw * ops.cast(scale, qw.dtype)
         qh = ops.transpose(qw, (0, 2, 1, 3))  # (batch, heads, q_len, key_size)
         kh = ops.transpose(kw, (0, 2, 3, 1))  # (batch, heads, key_size, k_len)
         vh = ops.transpose(vw, (0, 2, 1, 3))  # (batch, heads, k_len, head_size)
-        scores = _matmul(qh, kh, logits_dtype) * ops.cast(scale, logits_dtype)
-        scores = _apply_mask(scores, attention_mask)
+        scores = _apply_mask(_matmul(qh, kh, logits_dtype), attention_mask)
         probs = ops.cast(ops.softmax(ops.cast(scores, "float32"), axis=-1), qw.dtype)
         probs = self.dropout(probs, training=training)
         outputs = ops.transpose(_matmul(probs, vh), (0, 2, 1, 3))
