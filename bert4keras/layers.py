@@ -605,14 +605,7 @@ class MultiHeadAttention(keras.layers.Layer):
         # fused op would run, the logits are float32 as in that op; otherwise
         # they are in the compute dtype, as returned to the caller.
         logits_dtype = "float32" if fused else qw.dtype
-        if scale != 1.0:
-            # On the queries (q_len x hidden values per sequence), not on the
-            # scores (heads x q_len x k_len): one pass over the scores less
-            # (BERT-base, 8 x 512, bf16: Mul op time 67 -> 39 ms per forward).
-            # Exact where the scale is a power of two (head size 64); else one
-            # more rounding of q (MiniLM's bf16-vs-fp32 error unchanged).
-            qw = qw * ops.cast(scale, qw.dtype)
-        qh = ops.transpose(qw, (0, 2, 1, 3))  # (batch, heads, q_len, key_size)
+        qh = ops.transpose(self._scale_queries(qw), (0, 2, 1, 3))  # (batch, heads, q_len, key_size)
         kh = ops.transpose(kw, (0, 2, 3, 1))  # (batch, heads, key_size, k_len)
         vh = ops.transpose(vw, (0, 2, 1, 3))  # (batch, heads, k_len, head_size)
         scores = _apply_mask(_matmul(qh, kh, logits_dtype), attention_mask)
@@ -621,14 +614,24 @@ class MultiHeadAttention(keras.layers.Layer):
         outputs = ops.transpose(_matmul(probs, vh), (0, 2, 1, 3))
         return outputs, None if fused else scores
 
+    def _scale_queries(self, qw):
+        """qw / sqrt(key_size) where the layer scales, for the explicit products.
+
+        On the queries (q_len x hidden values per sequence), not on the scores
+        (heads x q_len x k_len): one pass over the scores less (BERT-base,
+        8 x 512, bf16: Mul op time 67 -> 39 ms per forward). Exact where the
+        scale is a power of two (head size 64); else one more rounding of q
+        (MiniLM's bf16-vs-fp32 error unchanged).
+        """
+        return qw * ops.cast(self.key_size**-0.5, qw.dtype) if self.attention_scale else qw
+
     def _attend_cached(self, qw, keys, values, attention_mask, training):
         """`_attend` over a heads-first cache: (batch, heads, k_max, size)."""
         keys, values = ops.cast(keys, qw.dtype), ops.cast(values, qw.dtype)
         if not _explicit_attention_is_faster():
             return self._attend_seq_first(qw, keys, values, attention_mask, training)
-        scale = self.key_size**-0.5 if self.attention_scale else 1.0
-        qh = ops.transpose(qw, (0, 2, 1, 3))  # (batch, heads, q_len, key_size)
-        scores = _matmul(qh, keys, "float32", transpose_b=True) * ops.cast(scale, "float32")
+        qh = ops.transpose(self._scale_queries(qw), (0, 2, 1, 3))  # (batch, heads, q_len, key_size)
+        scores = _matmul(qh, keys, "float32", transpose_b=True)
         probs = ops.cast(ops.softmax(_apply_mask(scores, attention_mask), axis=-1), qw.dtype)
         probs = self.dropout(probs, training=training)
         return ops.transpose(_matmul(probs, values), (0, 2, 1, 3))
@@ -884,9 +887,8 @@ class RelativePositionAttention(MultiHeadAttention):
             value_table = relative_position_table(q_pos, k_pos, self.head_size, self.max_relative_position)
         key_table = ops.cast(key_table, qw.dtype)
         value_table = ops.cast(value_table, vw.dtype)
-        scores = ops.einsum("bqhd,bkhd->bhqk", qw, kw) + ops.einsum("bqhd,qkd->bhqk", qw, key_table)
-        if self.attention_scale:
-            scores = scores * ops.cast(self.key_size**-0.5, scores.dtype)
+        qs = self._scale_queries(qw)  # both terms are linear in the queries
+        scores = ops.einsum("bqhd,bkhd->bhqk", qs, kw) + ops.einsum("bqhd,qkd->bhqk", qs, key_table)
         scores = _apply_mask(scores, attention_mask)
         probs = ops.cast(ops.softmax(ops.cast(scores, "float32"), axis=-1), vw.dtype)
         probs = self.dropout(probs, training=training)
